@@ -1,0 +1,95 @@
+"""The API's dependencies: app state and the caller's identity, one Annotated alias each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from arq.connections import ArqRedis
+from fastapi import Depends, Query, Request
+from redis.asyncio import Redis
+
+from api.hub import Hub
+from api.tokens import StreamTokens
+from shared.errors import NotFound, Unauthorized
+from shared.ids import is_generation_id
+from shared.settings import Settings
+
+DEFAULT_TENANT = "default"
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    redis: Redis
+    queue: ArqRedis
+    hub: Hub
+    tokens: StreamTokens
+    tenants_by_key: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: a tenant, or a stream token scoped to one generation."""
+
+    tenant: str | None
+    generation: str | None = None  # set for stream tokens: the one generation they may read
+
+    def may_read(self, gen_id: str, owner: str) -> bool:
+        if self.generation is not None:
+            return self.generation == gen_id
+        return self.tenant == owner
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.tr
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+
+def _bearer_tenant(request: Request, state: AppState) -> str | None:
+    if not state.tenants_by_key:
+        return DEFAULT_TENANT
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        return None
+    return state.tenants_by_key.get(key.strip())
+
+
+def get_tenant(request: Request, state: State) -> str:
+    tenant = _bearer_tenant(request, state)
+    if tenant is None:
+        raise Unauthorized("missing or invalid API key (Authorization: Bearer KEY)")
+    return tenant
+
+
+def get_reader(
+    request: Request,
+    state: State,
+    token: Annotated[str | None, Query(description="read-only stream token")] = None,
+) -> Principal:
+    tenant = _bearer_tenant(request, state)
+    if tenant is not None:
+        return Principal(tenant)
+    if token:
+        gen_id = state.tokens.verify(token)
+        if gen_id is None:
+            raise Unauthorized("invalid or expired stream token")
+        return Principal(None, gen_id)
+    raise Unauthorized("missing or invalid API key or stream token")
+
+
+Tenant = Annotated[str, Depends(get_tenant)]
+Reader = Annotated[Principal, Depends(get_reader)]
+
+
+def generation_id(gen_id: str) -> str:
+    if not is_generation_id(gen_id):
+        raise NotFound("no such generation")
+    return gen_id
+
+
+GenerationId = Annotated[str, Depends(generation_id)]

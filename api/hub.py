@@ -1,0 +1,230 @@
+"""One hub per API process: each active stream is read from Redis once and fanned out in memory.
+
+    viewers ──join──▶ Hub.channels[gen_id] ◀── one XREAD loop (all active streams, one call)
+       ▲                   │ frames (encoded once, shared, append-only)
+       └──── slice(pos) ───┘
+
+A channel holds the encoded SSE frames of one generation, in order, shared by
+all its local viewers; a viewer is only a position in that list, so its own
+memory is constant and a slow viewer slows nobody. The list is capped; a viewer
+that falls behind the cap reads the missing part from Redis at its own pace.
+
+Seam without gap or duplicate: the first viewer of a stream loads the retained
+tail with one XREVRANGE, and the channel's read cursor is the last id loaded, so
+the XREAD loop continues exactly after it. Later viewers start from the
+channel's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import secrets
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import events as ev
+from shared import keys
+from shared.redis import create_blocking_redis
+
+logger = logging.getLogger(__name__)
+
+BLOCK_MS = 5000
+READ_COUNT = 500
+
+
+class Channel:
+    """The in-memory tail of one generation's stream, shared by this process's viewers."""
+
+    def __init__(self, gen_id: str, max_frames: int):
+        self.gen_id = gen_id
+        self.key = keys.events(gen_id)
+        self.ids: list[ev.StreamId] = []
+        self.frames: list[bytes] = []
+        self.terminal_at: int | None = None  # absolute index of the terminal frame
+        self.base = 0  # absolute index of frames[0]
+        self.head_complete = True  # False when entries before ids[0] exist only in Redis
+        self.cursor: str | None = None  # last entry id read from Redis
+        self.viewers = 0
+        self.failed: BaseException | None = None
+        self.loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._max_frames = max_frames
+        self._new = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.terminal_at is not None
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.frames)
+
+    def append(self, entries: list[tuple[bytes | str, dict[bytes | str, bytes | str]]]) -> None:
+        if not entries:
+            return
+        for entry_id, fields in entries:
+            eid, etype, frame = ev.frame_of_entry(entry_id, fields)
+            self.ids.append(ev.parse_id(eid))
+            self.frames.append(frame)
+            self.cursor = eid
+            if etype in ev.TERMINAL_TYPES:
+                self.terminal_at = self.end - 1
+        if len(self.frames) > self._max_frames:
+            drop = len(self.frames) - self._max_frames // 2
+            del self.frames[:drop]
+            del self.ids[:drop]
+            self.base += drop
+            self.head_complete = False
+        self.notify()
+
+    def notify(self) -> None:
+        event, self._new = self._new, asyncio.Event()
+        event.set()
+
+    def position_after(self, last: ev.StreamId | None) -> int | None:
+        """Absolute index of the first frame after ``last``; None if that part was trimmed."""
+        if last is None:
+            return self.base if self.head_complete else None
+        if not self.head_complete and (not self.ids or last < self.ids[0]):
+            return None
+        return self.base + bisect.bisect_right(self.ids, last)
+
+    def id_at(self, pos: int) -> ev.StreamId:
+        return self.ids[pos - self.base]
+
+    def take(self, pos: int) -> tuple[bytes, int, bool]:
+        """(frames from pos joined into one chunk, new pos, whether the terminal was included)."""
+        chunk = b"".join(self.frames[pos - self.base :])
+        end = self.end
+        return chunk, end, self.terminal_at is not None and self.terminal_at < end
+
+    async def wait_beyond(self, pos: int) -> None:
+        while self.end <= pos and self.failed is None:
+            await self._new.wait()
+
+
+class Hub:
+    def __init__(self, redis: Redis, redis_url: str, max_frames: int):
+        self._redis = redis
+        self._redis_url = redis_url
+        self._max_frames = max_frames
+        self.node_id = secrets.token_hex(8)
+        self._wake_key = keys.hub_wake(self.node_id)
+        self._wake_cursor = "0-0"
+        self.channels: dict[str, Channel] = {}
+        self._changed = asyncio.Event()
+        self._in_read = False
+        self._task: asyncio.Task[None] | None = None
+        self._reader: Redis | None = None
+        self.reads = 0  # XREAD calls, for metrics and tests
+
+    @property
+    def viewer_count(self) -> int:
+        return sum(ch.viewers for ch in self.channels.values())
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._read_loop(), name="tr-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._reader is not None:
+            await self._reader.aclose()
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.delete(self._wake_key)
+
+    async def join(self, gen_id: str) -> Channel:
+        """Register a viewer of ``gen_id``; the first one loads the stream's retained tail."""
+        channel = self.channels.get(gen_id)
+        if channel is None:
+            channel = self.channels[gen_id] = Channel(gen_id, self._max_frames)
+            asyncio.create_task(self._load(channel), name=f"tr-hub-load-{gen_id}")
+        channel.viewers += 1
+        try:
+            await asyncio.shield(channel.loaded)
+        except BaseException:
+            self.leave(channel)
+            raise
+        return channel
+
+    def leave(self, channel: Channel) -> None:
+        channel.viewers -= 1
+        if channel.viewers <= 0 and self.channels.get(channel.gen_id) is channel:
+            del self.channels[channel.gen_id]
+
+    async def _load(self, channel: Channel) -> None:
+        try:
+            entries = await self._redis.xrevrange(channel.key, count=self._max_frames // 2)
+        except (RedisError, OSError) as exc:
+            channel.failed = exc
+            if self.channels.get(channel.gen_id) is channel:
+                del self.channels[channel.gen_id]
+            channel.loaded.set_exception(exc)
+            channel.notify()
+            return
+        entries.reverse()
+        channel.append(entries)
+        if len(entries) >= self._max_frames // 2:
+            channel.head_complete = False  # older entries may exist: viewers read them from Redis
+        if channel.cursor is None:
+            channel.cursor = "0-0"
+        channel.loaded.set_result(None)
+        if not channel.done:
+            self._changed.set()
+            if self._in_read:
+                await self._wake()
+
+    async def _wake(self) -> None:
+        """Interrupt the blocking XREAD so it picks up the new stream now."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=16, approximate=True)
+                pipe.expire(self._wake_key, 3600)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            logger.warning("hub wake failed: %s", exc)
+
+    async def _read_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            active = {
+                ch.key: ch
+                for ch in self.channels.values()
+                if ch.cursor is not None and not ch.done and ch.failed is None
+            }
+            if not active:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            streams: dict[str | bytes, str] = {key: ch.cursor for key, ch in active.items()}  # type: ignore[misc]
+            streams[self._wake_key] = self._wake_cursor
+            if self._reader is None:
+                self._reader = create_blocking_redis(self._redis_url, "hub", BLOCK_MS / 1000)
+            self._in_read = True
+            try:
+                response = await self._reader.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+                backoff = 0.05
+            except (RedisError, OSError) as exc:
+                logger.warning("hub read failed (%s); retrying in %.2fs", exc, backoff)
+                await self._reader.aclose()
+                self._reader = None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            finally:
+                self._in_read = False
+            self.reads += 1
+            for raw_key, entries in response or []:
+                key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+                if key == self._wake_key:
+                    last = entries[-1][0]
+                    self._wake_cursor = last.decode() if isinstance(last, bytes) else last
+                    continue
+                channel = active.get(key)
+                if channel is not None and self.channels.get(channel.gen_id) is channel:
+                    channel.append(entries)

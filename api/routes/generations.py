@@ -1,0 +1,75 @@
+"""Native generation routes: create, status, events (SSE), cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from sse_starlette import EventSourceResponse
+
+from api import generations
+from api.deps import GenerationId, Reader, State, Tenant
+from api.schemas import GenerationCreate, GenerationCreated, GenerationStatus
+
+router = APIRouter(prefix="/v1/generations", tags=["generations"])
+
+_ERRORS: dict[int | str, dict[str, str]] = {
+    400: {"description": "Bad input (invalid JSON, unknown model, malformed event id)"},
+    401: {"description": "No or bad credentials"},
+    404: {"description": "Unknown generation, or not yours"},
+    422: {"description": "Body fails the schema"},
+}
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=GenerationCreated,
+    responses={**_ERRORS, 200: {"description": "With Accept: text/event-stream: the events"}},
+)
+async def create_generation(
+    body: GenerationCreate,
+    request: Request,
+    response: Response,
+    state: State,
+    tenant: Tenant,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> GenerationCreated | EventSourceResponse:
+    """Queue a generation. With `Accept: text/event-stream`, answer with its event stream."""
+    created = await generations.create(state, tenant, body, idempotency_key)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return generations.event_stream(state, created.id, None)
+    response.headers["Location"] = f"/v1/generations/{created.id}"
+    return created
+
+
+@router.get("/{gen_id}", response_model=GenerationStatus, responses=_ERRORS)
+async def get_generation(gen_id: GenerationId, state: State, who: Reader) -> GenerationStatus:
+    """Status of a generation, with all its text so far."""
+    meta, content = await generations.load(state, who, gen_id)
+    return generations.status_body(gen_id, meta, content)
+
+
+@router.get(
+    "/{gen_id}/events",
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    response_class=EventSourceResponse,
+)
+async def stream_events(
+    gen_id: GenerationId,
+    state: State,
+    who: Reader,
+    after: Annotated[str | None, Query(description="resume after this event id")] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
+    """Replay every event after `Last-Event-ID` (or `?after=`), follow live, end after the last."""
+    resume_after = generations.parse_after(last_event_id, after)
+    await generations.load(state, who, gen_id)
+    return generations.event_stream(state, gen_id, resume_after)
+
+
+@router.post("/{gen_id}/cancel", status_code=202, responses={**_ERRORS, 409: {}})
+async def cancel_generation(gen_id: GenerationId, state: State, tenant: Tenant) -> dict[str, str]:
+    """Stop a generation: the worker closes the upstream call; the stream ends `cancelled`."""
+    outcome = await generations.cancel(state, tenant, gen_id)
+    return {"id": gen_id, "cancel": outcome}

@@ -1,0 +1,55 @@
+"""Every Redis key tokenrelay uses, built in one place.
+
+Per-generation keys share the hash tag ``{gen_id}`` so that one generation's
+keys live in one Redis Cluster slot and a Lua script may touch them all.
+"""
+
+from __future__ import annotations
+
+PREFIX = "tr"
+
+# Pending generations keep their keys this long at most before a terminal event
+# sets the real retention; generous, so a quiet long generation never expires mid-run.
+PENDING_TTL_S = 7 * 24 * 3600
+
+
+def events(gen_id: str) -> str:
+    """The Redis Stream of a generation's events (the SSE wire, one entry per event)."""
+    return f"{PREFIX}:{{{gen_id}}}:events"
+
+
+def meta(gen_id: str) -> str:
+    """Hash with the generation's status, model, tenant, timestamps and request."""
+    return f"{PREFIX}:{{{gen_id}}}:meta"
+
+
+def content(gen_id: str) -> str:
+    """String with all text so far, so status reads are O(1) instead of a stream scan."""
+    return f"{PREFIX}:{{{gen_id}}}:content"
+
+
+def cancel(gen_id: str) -> str:
+    """Flag set by the API when a cancel is requested; the worker polls it as a fallback."""
+    return f"{PREFIX}:{{{gen_id}}}:cancel"
+
+
+def idempotency(tenant: str, key: str) -> str:
+    """Maps a tenant's Idempotency-Key to the generation it created."""
+    return f"{PREFIX}:idem:{{{tenant}}}:{key}"
+
+
+def hub_wake(node_id: str) -> str:
+    """Private stream an API process's hub includes in its XREAD, so new streams interrupt it."""
+    return f"{PREFIX}:hub:{{{node_id}}}:wake"
+
+
+# Pub/sub channel: published after each enqueue so idle workers poll at once
+# instead of waiting for arq's poll_delay.
+WAKE_CHANNEL = f"{PREFIX}:wake"
+
+# Pub/sub channel: a generation id published when a cancel is requested.
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+
+# Shared signing secret used when TOKENRELAY_SIGNING_SECRET is unset (dev setups),
+# so every API process of one deployment signs alike.
+SIGNING_SECRET = f"{PREFIX}:signing-secret"

@@ -1,0 +1,28 @@
+"""Which models a deployment serves: ``provider:name``, checked by the API before enqueueing."""
+
+from __future__ import annotations
+
+from shared.settings import Settings
+
+FAKE_MODELS = ("echo", "lorem", "error")
+
+
+def check_model(model: str, settings: Settings) -> str | None:
+    """None if ``model`` can be served here, else a message saying why not."""
+    provider, sep, name = model.partition(":")
+    if not sep or not name:
+        return f"model must be 'provider:name', got {model!r}"
+    if provider == "fake":
+        if name not in FAKE_MODELS:
+            return f"unknown fake model {name!r}; one of: {', '.join(FAKE_MODELS)}"
+        return None
+    if provider == "openai":
+        if not (settings.openai_base_url or settings.openai_api_key):
+            return "provider 'openai' is not configured (TOKENRELAY_OPENAI_BASE_URL)"
+        return None
+    return f"unknown provider {provider!r}; one of: fake, openai"
+
+
+def listed_models(settings: Settings) -> list[str]:
+    models = [f"fake:{name}" for name in FAKE_MODELS]
+    return models

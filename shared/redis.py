@@ -1,0 +1,41 @@
+"""Redis client factories: one place that sets names, timeouts and retries."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+def create_redis(url: str, process_name: str, *, max_connections: int = 200) -> Redis:
+    """A pooled client for ordinary commands: short timeouts, a few retries."""
+    client: Redis = Redis.from_url(
+        url,
+        client_name=f"tokenrelay-{process_name}",
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), 3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        max_connections=max_connections,
+    )
+    return client
+
+
+def create_blocking_redis(url: str, process_name: str, block_s: float) -> Redis:
+    """A single-connection client for blocking reads: socket timeout above the block, no retry.
+
+    redis-py's default socket timeout would cut long blocking XREADs, and a retry
+    would silently re-issue a read whose cursor the caller owns.
+    """
+    client: Redis = Redis.from_url(
+        url,
+        client_name=f"tokenrelay-{process_name}",
+        socket_timeout=block_s + 5,
+        socket_connect_timeout=5,
+        retry=Retry(NoBackoff(), 0),
+        single_connection_client=True,
+    )
+    return client

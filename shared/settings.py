@@ -1,0 +1,63 @@
+"""Settings: the only place that reads the environment (prefix ``TOKENRELAY_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of tokenrelay; the README's configuration table documents each one."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKENRELAY_", extra="ignore")
+
+    redis_url: str | None = None
+    api_keys: str | None = None
+    signing_secret: str | None = None
+    retention_s: int = Field(86400, gt=0)
+    max_generation_s: float = Field(600.0, gt=0)
+    max_concurrent_per_tenant: int = Field(64, gt=0)
+    max_queue_depth: int = Field(10000, gt=0)
+    max_body_bytes: int = Field(1_000_000, gt=0)
+    max_tokens_limit: int = Field(32768, gt=0)
+    heartbeat_s: float = Field(15.0, gt=0)
+    stream_token_ttl_s: int | None = Field(None, gt=0)
+    fake_tps: float = Field(30.0, gt=0)
+    fake_ttft_ms: float = Field(200.0, ge=0)
+    openai_base_url: str | None = None
+    openai_api_key: str | None = None
+    default_model: str = "fake:echo"
+    queue_name: str = "tr:queue"
+    worker_concurrency: int = Field(100, gt=0)
+    hub_history_frames: int = Field(20000, gt=0)
+    send_timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        for pair in value.split(","):
+            tenant, sep, key = pair.strip().partition(":")
+            if not sep or not tenant or not key:
+                raise ValueError("expected comma-separated tenant:key pairs")
+        return value
+
+    @property
+    def token_ttl_s(self) -> int:
+        return self.stream_token_ttl_s or self.retention_s
+
+    def tenants_by_key(self) -> dict[str, str]:
+        """Map each API key to its tenant; empty when auth is off."""
+        if not self.api_keys:
+            return {}
+        pairs = (p.strip().partition(":") for p in self.api_keys.split(","))
+        return {key: tenant for tenant, _, key in pairs}
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Read the environment once; a wrong value raises naming the variable."""
+    return Settings()

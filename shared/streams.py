@@ -1,0 +1,220 @@
+"""Appending to and reading from a generation's stream, atomically with its status.
+
+Writers go through Lua scripts so that each append checks the generation's state
+and the writer's attempt (fencing) in the same step: a stale attempt, or any
+write after the terminal event, is refused by Redis itself.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from shared import events as ev
+from shared import keys
+
+_TERMINAL_LUA = "st == 'completed' or st == 'failed' or st == 'cancelled'"
+
+# KEYS: meta events content ; ARGV: attempt now ttl
+_START = f"""
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {{0, 'missing'}} end
+if {_TERMINAL_LUA} then return {{0, st}} end
+local prev = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+if tonumber(ARGV[1]) <= prev then return {{0, 'stale'}} end
+redis.call('HSET', KEYS[1], 'attempt', ARGV[1], 'status', 'running', 'started_at', ARGV[2])
+redis.call('SET', KEYS[3], '', 'EX', ARGV[3])
+if st == 'running' then
+  redis.call('XADD', KEYS[2], '*', 't', 'status', 'd',
+    '{{"status":"restarted","attempt":' .. ARGV[1] .. '}}')
+end
+return {{1, redis.call('XADD', KEYS[2], '*', 't', 'status', 'd', '{{"status":"running"}}')}}
+"""
+
+# KEYS: meta events content ; ARGV: attempt data_json text
+_DELTA = """
+local m = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if m[1] ~= 'running' or m[2] ~= ARGV[1] then return false end
+local id = redis.call('XADD', KEYS[2], '*', 't', 'delta', 'd', ARGV[2])
+if ARGV[3] ~= '' then redis.call('APPEND', KEYS[3], ARGV[3]) end
+return id
+"""
+
+# KEYS: meta events content cancel ; ARGV: attempt('' = any) type data_json status now
+#        retention [field value ...]
+_FINISH = f"""
+local m = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+local st = m[1]
+if not st then return false end
+if {_TERMINAL_LUA} then return false end
+if ARGV[1] ~= '' and m[2] ~= ARGV[1] then return false end
+local id = redis.call('XADD', KEYS[2], '*', 't', ARGV[2], 'd', ARGV[3])
+redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', ARGV[5])
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('EXPIRE', KEYS[3], ARGV[6])
+redis.call('DEL', KEYS[4])
+return id
+"""
+
+# KEYS: meta events content cancel ; ARGV: tenant now retention ttl
+_CANCEL = f"""
+local m = redis.call('HMGET', KEYS[1], 'status', 'tenant')
+local st = m[1]
+if not st or m[2] ~= ARGV[1] then return 'missing' end
+if {_TERMINAL_LUA} then return 'ended' end
+if st == 'queued' then
+  redis.call('XADD', KEYS[2], '*', 't', 'cancelled', 'd', '{{}}')
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  return 'cancelled'
+end
+redis.call('SET', KEYS[4], '1', 'EX', ARGV[4])
+return 'requested'
+"""
+
+
+_SHAS: dict[str, str] = {}
+
+
+async def _run(redis: Redis, script: str, keys_: list[str], *args: Any) -> Any:
+    """EVALSHA with a one-time SCRIPT LOAD fallback, so the script body is sent once."""
+    sha = _SHAS.get(script)
+    if sha is not None:
+        try:
+            return await redis.evalsha(sha, len(keys_), *keys_, *args)
+        except NoScriptError:
+            pass
+    sha = _SHAS[script] = _text(await redis.script_load(script))
+    return await redis.evalsha(sha, len(keys_), *keys_, *args)
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+def _gen_keys(gen_id: str) -> list[str]:
+    return [keys.meta(gen_id), keys.events(gen_id), keys.content(gen_id), keys.cancel(gen_id)]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class NewGeneration:
+    id: str
+    tenant: str
+    model: str
+    request: dict[str, Any]
+    created_at: float
+
+
+async def create(
+    redis: Redis, gen: NewGeneration, metadata: dict[str, str] | None = None
+) -> str:
+    """Write a generation's status and its first event (``status: queued``); return its id."""
+    mapping = {
+        "status": ev.QUEUED,
+        "tenant": gen.tenant,
+        "model": gen.model,
+        "created_at": str(gen.created_at),
+        "request": json.dumps(gen.request),
+        "attempt": "0",
+    }
+    if metadata:
+        mapping["metadata"] = json.dumps(metadata)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.meta(gen.id), mapping=mapping)
+        pipe.expire(keys.meta(gen.id), keys.PENDING_TTL_S)
+        pipe.xadd(keys.events(gen.id), ev.entry_fields(ev.STATUS, {"status": ev.QUEUED}))
+        pipe.expire(keys.events(gen.id), keys.PENDING_TTL_S)
+        results = await pipe.execute()
+    return _text(results[2])
+
+
+async def start(redis: Redis, gen_id: str, attempt: int) -> tuple[bool, str]:
+    """Mark an attempt running (writing ``restarted`` first if an earlier one had started).
+
+    Returns (started, reason): not started when the generation is terminal, unknown,
+    or already claimed by this or a newer attempt.
+    """
+    ok, detail = await _run(
+        redis, _START, _gen_keys(gen_id)[:3], attempt, now(), keys.PENDING_TTL_S
+    )
+    return bool(ok), _text(detail)
+
+
+async def append_delta(redis: Redis, gen_id: str, attempt: int, data: dict[str, Any]) -> bool:
+    """Append a ``delta`` event; False if this attempt may no longer write (fenced or ended)."""
+    text = data.get("content") or ""
+    result = await _run(
+        redis, _DELTA, _gen_keys(gen_id)[:3], attempt, ev.dumps(data), text
+    )
+    return result is not None
+
+
+async def finish(
+    redis: Redis,
+    gen_id: str,
+    attempt: int | None,
+    event_type: str,
+    data: dict[str, Any],
+    retention_s: int,
+    fields: dict[str, str] | None = None,
+) -> bool:
+    """Write the one terminal event and final status; False if one was written already."""
+    extra: list[str] = []
+    for name, value in (fields or {}).items():
+        extra += [name, value]
+    result = await _run(
+        redis,
+        _FINISH,
+        _gen_keys(gen_id),
+        "" if attempt is None else attempt,
+        event_type,
+        ev.dumps(data),
+        ev.STATUS_AFTER[event_type],
+        now(),
+        retention_s,
+        *extra,
+    )
+    return result is not None
+
+
+async def request_cancel(redis: Redis, gen_id: str, tenant: str, retention_s: int) -> str:
+    """'cancelled' (was queued, ended now), 'requested' (worker will stop), 'ended', 'missing'."""
+    result = await _run(
+        redis, _CANCEL, _gen_keys(gen_id), tenant, now(), retention_s, keys.PENDING_TTL_S
+    )
+    return _text(result)
+
+
+async def read_after(
+    redis: Redis, gen_id: str, after: str | None, count: int = 1000
+) -> list[tuple[Any, dict[Any, Any]]]:
+    """Entries strictly after ``after`` (all when None), at most ``count``."""
+    start = "-" if after is None else f"({after}"
+    entries: list[tuple[Any, dict[Any, Any]]] = await redis.xrange(
+        keys.events(gen_id), min=start, max="+", count=count
+    )
+    return entries
+
+
+async def read_status(redis: Redis, gen_id: str) -> tuple[dict[str, str], str] | None:
+    """(meta, content) of a generation, or None if it is unknown or expired."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.meta(gen_id))
+        pipe.get(keys.content(gen_id))
+        raw_meta, raw_content = await pipe.execute()
+    if not raw_meta:
+        return None
+    meta = {_text(k): _text(v) for k, v in raw_meta.items()}
+    return meta, _text(raw_content) if raw_content is not None else ""

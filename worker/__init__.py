@@ -1,0 +1,1 @@
+"""The arq worker: generation jobs and the LLM providers they stream from."""

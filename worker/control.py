@@ -1,0 +1,101 @@
+"""A worker process's control channel: queue wake-ups and cancel requests over pub/sub.
+
+One pub/sub connection per worker process carries both: an enqueue wakes the
+poll loop at once (instead of arq's ``poll_delay``), and a cancel reaches the
+running generation within a round trip. Pub/sub is lossy across reconnects, so
+a slow poll of the cancel flags backs it up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import keys
+
+logger = logging.getLogger(__name__)
+
+CANCEL_POLL_S = 1.0
+
+
+class Control:
+    def __init__(self, redis: Redis):
+        self._redis = redis
+        self.wake = asyncio.Event()
+        self._cancels: dict[str, asyncio.Event] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="tr-control-listen"),
+            asyncio.create_task(self._poll_cancels(), name="tr-control-poll"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def watch(self, gen_id: str) -> asyncio.Event:
+        """An event set when a cancel of ``gen_id`` is requested; call ``unwatch`` after."""
+        event = self._cancels[gen_id] = asyncio.Event()
+        return event
+
+    def unwatch(self, gen_id: str) -> None:
+        self._cancels.pop(gen_id, None)
+
+    def _cancel(self, gen_id: str) -> None:
+        event = self._cancels.get(gen_id)
+        if event is not None and not event.is_set():
+            logger.info("cancel requested generation_id=%s", gen_id)
+            event.set()
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(keys.WAKE_CHANNEL, keys.CANCEL_CHANNEL)
+                backoff = 0.1
+                self.wake.set()  # we may have missed wake-ups while (re)connecting
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is None:
+                        continue
+                    channel = message["channel"]
+                    if channel in (keys.CANCEL_CHANNEL, keys.CANCEL_CHANNEL.encode()):
+                        data = message["data"]
+                        self._cancel(data.decode() if isinstance(data, bytes) else str(data))
+                    else:
+                        self.wake.set()
+            except (RedisError, OSError) as exc:
+                logger.warning("control channel lost (%s); reconnecting in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+
+    async def _poll_cancels(self) -> None:
+        while True:
+            await asyncio.sleep(CANCEL_POLL_S)
+            ids = list(self._cancels)
+            if not ids:
+                continue
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for gen_id in ids:
+                        pipe.exists(keys.cancel(gen_id))
+                    flags = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                logger.warning("cancel poll failed: %s", exc)
+                continue
+            for gen_id, flag in zip(ids, flags, strict=True):
+                if flag:
+                    self._cancel(gen_id)

@@ -1,0 +1,119 @@
+"""The arq worker of tokenrelay: settings, start-up, and a poll loop woken by pub/sub.
+
+arq polls its queue every ``poll_delay`` (0.5 s by default), which would add up
+to half a second before the first token. The API publishes on
+``keys.WAKE_CHANNEL`` after every enqueue; this worker's loop waits on that
+wake-up, with the ordinary poll as the fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.worker import Worker, func
+
+from shared.redis import create_redis
+from shared.settings import Settings
+from worker.control import Control
+from worker.jobs import generate
+from worker.providers import Providers
+from worker.providers.fake import FakeProvider
+from worker.providers.openai_compat import OpenAICompatProvider
+
+logger = logging.getLogger(__name__)
+
+JOB_NAME = "generate"
+# Slack between the generation's own limit (a terminal `timeout` event) and
+# arq's hard job timeout, so ours always fires first.
+JOB_TIMEOUT_SLACK_S = 30
+
+
+class TokenRelayWorker(Worker):
+    """An arq Worker whose poll loop also wakes on ``Control.wake``."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._wake = asyncio.Event()
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self._wake.set()  # a slot is free: look at the queue again now
+
+    async def main(self) -> None:
+        if self._pool is None:
+            from arq.connections import create_pool
+
+            self._pool = await create_pool(
+                self.redis_settings,
+                job_deserializer=self.job_deserializer,
+                job_serializer=self.job_serializer,
+                default_queue_name=self.queue_name,
+                expires_extra_ms=self.expires_extra_ms,
+            )
+        logger.info("worker starting: %s", ", ".join(self.functions))
+        self.ctx["redis"] = self.pool
+        if self.on_startup:
+            await self.on_startup(self.ctx)
+        control: Control = self.ctx["control"]
+        self._wake = control.wake
+        while True:
+            self._wake.clear()
+            await self._poll_iteration()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
+
+
+def build_providers(settings: Settings) -> Providers:
+    return Providers(
+        {
+            "fake": FakeProvider(tps=settings.fake_tps, ttft_s=settings.fake_ttft_ms / 1000),
+            "openai": OpenAICompatProvider(settings.openai_base_url, settings.openai_api_key),
+        }
+    )
+
+
+def create_worker(settings: Settings, concurrency: int | None = None) -> TokenRelayWorker:
+    if not settings.redis_url:
+        raise SystemExit("TOKENRELAY_REDIS_URL is not set")
+    redis_url = settings.redis_url
+
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        ctx["settings"] = settings
+        ctx["tr_redis"] = create_redis(redis_url, "worker")
+        ctx["providers"] = build_providers(settings)
+        ctx["control"] = Control(ctx["tr_redis"])
+        ctx["control"].start()
+
+    async def on_shutdown(ctx: dict[str, Any]) -> None:
+        await ctx["control"].stop()
+        await ctx["providers"].aclose()
+        await ctx["tr_redis"].aclose()
+
+    return TokenRelayWorker(
+        functions=[
+            func(
+                generate,
+                name=JOB_NAME,
+                timeout=settings.max_generation_s + JOB_TIMEOUT_SLACK_S,
+                max_tries=3,
+            )
+        ],
+        queue_name=settings.queue_name,
+        redis_settings=RedisSettings.from_dsn(redis_url),
+        on_startup=on_startup,
+        on_shutdown=on_shutdown,
+        max_jobs=concurrency or settings.worker_concurrency,
+        poll_delay=0.5,
+        keep_result=60,
+        health_check_interval=15,
+        handle_signals=True,
+    )
+
+
+def run(settings: Settings, concurrency: int | None = None) -> None:
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    create_worker(settings, concurrency).run()

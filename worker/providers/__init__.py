@@ -1,0 +1,26 @@
+"""LLM providers behind one small interface; ``resolve`` picks one by ``provider:name``."""
+
+from __future__ import annotations
+
+from shared.errors import UnknownModel
+from worker.providers.base import Chunk, Delta, Finish, GenerationRequest, Provider
+
+__all__ = ["Chunk", "Delta", "Finish", "GenerationRequest", "Provider", "Providers"]
+
+
+class Providers:
+    """The providers one worker process serves, keyed by the part of ``model`` before ':'."""
+
+    def __init__(self, providers: dict[str, Provider]):
+        self._providers = providers
+
+    def resolve(self, model: str) -> tuple[Provider, str]:
+        prefix, sep, name = model.partition(":")
+        provider = self._providers.get(prefix) if sep else None
+        if provider is None or not name:
+            raise UnknownModel(f"unknown model {model!r}")
+        return provider, name
+
+    async def aclose(self) -> None:
+        for provider in self._providers.values():
+            await provider.aclose()
