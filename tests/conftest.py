@@ -1,0 +1,34 @@
+"""Fixtures: real processes against a private redis-server (never the machine's own Redis)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.stack import Stack
+from tokenrelay_cli.redis_server import RedisServer
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server on a free port, removed after the test."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    """One API process and one worker (fake provider, no TTFT) shared by a test module."""
+    s = Stack(apis=1, workers=1)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def stack2() -> Iterator[Stack]:
+    """Two API processes and two workers on one Redis."""
+    s = Stack(apis=2, workers=2)
+    yield s
+    s.stop()
