@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -55,6 +56,14 @@ def add_exception_handlers(app: FastAPI) -> None:
         errors = list(exc.errors())
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(400, "invalid_json", "request body is not valid JSON")
+        if isinstance(exc.body, bytes | str):  # a body sent without a JSON content type
+            try:
+                json.loads(exc.body)
+            except ValueError:
+                return error_response(400, "invalid_json", "request body is not valid JSON")
+            return error_response(
+                415, "unsupported_media_type", "send the body with Content-Type: application/json"
+            )
         return error_response(422, "validation_error", _describe(errors))
 
     @app.exception_handler(StarletteHTTPException)

@@ -151,7 +151,7 @@ def event_stream(
         status_code=status_code,
         headers={"X-Generation-Id": gen_id},
         ping=state.settings.heartbeat_s,
-        ping_message_factory=lambda: ServerSentEvent(comment="ping"),
+        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
         send_timeout=state.settings.send_timeout_s,
         sep="\n",
     )

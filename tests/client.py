@@ -38,6 +38,8 @@ def collect(base: str, gen_id: str, after: str | None = None, limit: int | None 
     ) as source:
         assert source.response.status_code == 200, source.response.read()
         for sse in source.iter_sse():
+            if not sse.data:
+                continue  # a retry-only block: per the SSE spec, no event
             out.append(Event(sse.id, sse.event, json.loads(sse.data)))
             if out[-1].terminal or (limit is not None and len(out) >= limit):
                 break
