@@ -1,0 +1,31 @@
+"""Settings are strict: a wrong value names the variable, API keys map to tenants."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shared.settings import Settings
+
+
+def test_api_keys_map_keys_to_tenants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TOKENRELAY_API_KEYS 'tenant:key' pairs map each key to its tenant."""
+    monkeypatch.setenv("TOKENRELAY_API_KEYS", "acme:k1, globex:k2")
+    assert Settings().tenants_by_key() == {"k1": "acme", "k2": "globex"}
+
+
+@pytest.mark.parametrize(("name", "value"), [("TOKENRELAY_API_KEYS", "nocolon"),
+                                             ("TOKENRELAY_HEARTBEAT_S", "soon"),
+                                             ("TOKENRELAY_RETENTION_S", "-5")])
+def test_bad_values_stop_start_up(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """A wrong value raises a validation error that names the setting."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert name.removeprefix("TOKENRELAY_").lower() in str(info.value)
+
+
+def test_stream_token_ttl_defaults_to_retention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """STREAM_TOKEN_TTL_S defaults to RETENTION_S."""
+    monkeypatch.setenv("TOKENRELAY_RETENTION_S", "123")
+    assert Settings().token_ttl_s == 123

@@ -1,0 +1,100 @@
+"""Stream writes against a real redis-server: fencing, exactly one terminal event, cancel."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from shared import events as ev
+from shared import keys, streams
+from tokenrelay_cli.redis_server import RedisServer
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    r = Redis.from_url(redis_server.url)
+    yield r
+    await r.aclose()
+
+
+async def _new(client: Redis, gen_id: str = "gen_" + "a" * 32) -> str:
+    await streams.create(client, streams.NewGeneration(gen_id, "t1", "fake:echo", {}, 1.0))
+    return gen_id
+
+
+async def _types(client: Redis, gen_id: str) -> list[str]:
+    entries = await streams.read_after(client, gen_id, None)
+    return [ev.decode_entry(eid, f).type for eid, f in entries]
+
+
+async def test_create_writes_queued_status_and_first_event(client: Redis) -> None:
+    """Creation leaves status queued and a first `status: queued` event with a TTL."""
+    gen_id = await _new(client)
+    meta, content = await streams.read_status(client, gen_id)  # type: ignore[misc]
+    assert meta["status"] == "queued" and content == ""
+    entries = await streams.read_after(client, gen_id, None)
+    assert ev.decode_entry(*entries[0]).data == {"status": "queued"}
+    assert 0 < await client.ttl(keys.events(gen_id)) <= keys.PENDING_TTL_S
+
+
+async def test_stale_attempt_is_fenced(client: Redis) -> None:
+    """Once attempt 2 starts, attempt 1 can neither append nor finish; the restart is announced."""
+    gen_id = await _new(client)
+    assert (await streams.start(client, gen_id, 1))[0]
+    assert await streams.append_delta(client, gen_id, 1, {"content": "old"})
+    assert (await streams.start(client, gen_id, 2))[0]
+    assert not await streams.append_delta(client, gen_id, 1, {"content": "stale"})
+    assert not await streams.finish(client, gen_id, 1, ev.DONE, {}, 60)
+    assert await streams.append_delta(client, gen_id, 2, {"content": "new"})
+    meta, content = await streams.read_status(client, gen_id)  # type: ignore[misc]
+    assert content == "new"
+    entries = await streams.read_after(client, gen_id, None)
+    statuses = [ev.decode_entry(*e).data.get("status") for e in entries]
+    assert statuses == ["queued", "running", None, "restarted", "running", None]
+    assert not (await streams.start(client, gen_id, 2))[0], "the same attempt cannot start twice"
+
+
+async def test_exactly_one_terminal_event(client: Redis) -> None:
+    """The first terminal write wins; later ones (any attempt, any type) are refused."""
+    gen_id = await _new(client)
+    await streams.start(client, gen_id, 1)
+    assert await streams.finish(client, gen_id, 1, ev.DONE, {"finish_reason": "stop"}, 60,
+                                {"finish_reason": "stop"})
+    assert not await streams.finish(client, gen_id, 1, ev.ERROR, {}, 60)
+    assert not await streams.finish(client, gen_id, None, ev.CANCELLED, {}, 60)
+    assert not await streams.append_delta(client, gen_id, 1, {"content": "late"})
+    assert (await _types(client, gen_id)).count("done") == 1
+    assert await _types(client, gen_id) == ["status", "status", "done"]
+    assert 0 < await client.ttl(keys.events(gen_id)) <= 60
+    meta, _ = await streams.read_status(client, gen_id)  # type: ignore[misc]
+    assert meta["status"] == "completed" and meta["finish_reason"] == "stop"
+
+
+async def test_cancel_outcomes(client: Redis) -> None:
+    """Cancel: queued ends at once, running sets the flag, ended and unknown are told apart."""
+    queued = await _new(client, "gen_" + "b" * 32)
+    assert await streams.request_cancel(client, queued, "t1", 60) == "cancelled"
+    assert await _types(client, queued) == ["status", "cancelled"]
+    assert not (await streams.start(client, queued, 1))[0]
+
+    running = await _new(client, "gen_" + "c" * 32)
+    await streams.start(client, running, 1)
+    assert await streams.request_cancel(client, running, "someone-else", 60) == "missing"
+    assert await streams.request_cancel(client, running, "t1", 60) == "requested"
+    assert await client.exists(keys.cancel(running))
+    assert await streams.request_cancel(client, queued, "t1", 60) == "ended"
+    assert await streams.request_cancel(client, "gen_" + "d" * 32, "t1", 60) == "missing"
+
+
+async def test_read_after_is_exclusive(client: Redis) -> None:
+    """read_after returns the entries strictly after the given id."""
+    gen_id = await _new(client)
+    await streams.start(client, gen_id, 1)
+    for word in ("a", "b", "c"):
+        await streams.append_delta(client, gen_id, 1, {"content": word})
+    entries = await streams.read_after(client, gen_id, None)
+    second = entries[1][0].decode()
+    rest = await streams.read_after(client, gen_id, second)
+    assert [e[0] for e in rest] == [e[0] for e in entries[2:]]
