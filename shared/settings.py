@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(100, gt=0)
     hub_history_frames: int = Field(20000, gt=0)
     send_timeout_s: float = Field(30.0, gt=0)
+    log_level: str = "INFO"
 
     @field_validator("api_keys")
     @classmethod

@@ -28,9 +28,9 @@ def _settings():  # type: ignore[no-untyped-def]
         raise SystemExit(2) from None
 
 
-def _logging() -> None:
+def _logging(level: str) -> None:
     logging.basicConfig(
-        level=os.environ.get("TOKENRELAY_LOG_LEVEL", "INFO").upper(),
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
@@ -42,7 +42,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         print("configuration error: TOKENRELAY_REDIS_URL is not set", file=sys.stderr)
         return 2
-    _logging()
+    _logging(settings.log_level)
     uvicorn.run(
         "api.app:create_app",
         factory=True,
@@ -62,7 +62,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         print("configuration error: TOKENRELAY_REDIS_URL is not set", file=sys.stderr)
         return 2
-    _logging()
+    _logging(settings.log_level)
     run(settings, args.concurrency)
     return 0
 
