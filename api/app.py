@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.deps import AppState
 from api.errors import add_exception_handlers, error_response
 from api.hub import Hub
-from api.routes import generations, health
+from api.routes import generations, health, web
 from api.tokens import StreamTokens, load_secret
 from shared.redis import create_redis
 from shared.settings import Settings, get_settings
@@ -104,5 +104,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_exception_handlers(app)
     app.include_router(generations.router)
     app.include_router(health.router)
+    app.include_router(web.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

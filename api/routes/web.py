@@ -1,0 +1,53 @@
+"""The web page at ``/``: static HTML, CSS and one ES module from ``api/static/``, no build step.
+
+Only the files listed here are served (no directory walking), with a strict
+Content-Security-Policy so that model output can never run as script even if a
+rendering bug let markup through, and ``Referrer-Policy: no-referrer`` because a
+viewer page's URL carries a stream token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from shared.errors import NotFound
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
+# name -> media type; anything else under /static/ is a 404.
+_ASSETS = {
+    "app.js": "text/javascript; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+}
+
+_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    # Small files that change with each release: revalidate instead of guessing an age.
+    "Cache-Control": "no-cache",
+}
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+async def index() -> FileResponse:
+    """The chat / live-viewer page (``/?view=ID&token=T`` opens the read-only viewer)."""
+    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8",
+                        headers=_HEADERS)
+
+
+@router.get("/static/{name}")
+async def asset(name: str) -> FileResponse:
+    """One of the page's own assets."""
+    media_type = _ASSETS.get(name)
+    if media_type is None:
+        raise NotFound("no such file")
+    return FileResponse(STATIC / name, media_type=media_type, headers=_HEADERS)
