@@ -8,59 +8,20 @@ from contextlib import asynccontextmanager
 
 from arq.connections import RedisSettings, create_pool
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import AppState
-from api.errors import add_exception_handlers, error_response
+from api.errors import add_exception_handlers
 from api.hub import Hub
-from api.routes import generations, health, web
+from api.metrics import Metrics
+from api.middleware import BodyLimit, RequestContext
+from api.openai_errors import add_openai_errors
+from api.routes import generations, health, metrics, openai_compat, usage, web
 from api.tokens import StreamTokens, load_secret
+from shared.logs import configure as configure_logging
 from shared.redis import create_redis
 from shared.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
-
-
-class BodyLimit:
-    """Answers 413 for bodies over the limit, whether Content-Length says so or the bytes do."""
-
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._reject(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(scope, receive, send)
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
-            413, "payload_too_large", f"request body over {self.limit} bytes"
-        )
-        await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -70,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.redis_url:
             raise RuntimeError("TOKENRELAY_REDIS_URL is not set")
+        configure_logging(settings.log_level, settings.log_format)
         redis = create_redis(settings.redis_url, "api")
         queue = await create_pool(
             RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name
@@ -78,7 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not tenants:
             logger.warning("TOKENRELAY_API_KEYS is unset: authentication is OFF")
         secret = await load_secret(redis, settings.signing_secret)
-        hub = Hub(redis, settings.redis_url, settings.hub_history_frames)
+        hub = Hub(redis, settings.redis_url, settings.hub_history_frames,
+                  heartbeat_s=settings.heartbeat_s, send_timeout_s=settings.send_timeout_s)
         hub.start()
         app.state.tr = AppState(
             settings=settings,
@@ -105,5 +68,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generations.router)
     app.include_router(health.router)
     app.include_router(web.router)
+    app.include_router(openai_compat.router)
+    app.include_router(usage.router)
+    app.include_router(metrics.router)
+    app.state.metrics = Metrics()
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestContext, metrics=app.state.metrics)
+    add_openai_errors(app)  # outermost: OpenAI's error shape on the OpenAI paths
     return app

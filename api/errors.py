@@ -46,38 +46,47 @@ def _describe(errors: list[dict[str, object]]) -> str:
     return "; ".join(parts)
 
 
+def _reply(
+    request: Request, status: int, code: str, message: str, retry_after: int | None = None
+) -> JSONResponse:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(code).inc()
+    return error_response(status, code, message, retry_after)
+
+
 def add_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(TokenRelayError)
     async def _domain(request: Request, exc: TokenRelayError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.retry_after)
+        return _reply(request, exc.status, exc.code, exc.message, exc.retry_after)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(400, "invalid_json", "request body is not valid JSON")
+            return _reply(request, 400, "invalid_json", "request body is not valid JSON")
         if isinstance(exc.body, bytes | str):  # a body sent without a JSON content type
             try:
                 json.loads(exc.body)
             except ValueError:
-                return error_response(400, "invalid_json", "request body is not valid JSON")
-            return error_response(
+                return _reply(request, 400, "invalid_json", "request body is not valid JSON")
+            return _reply(request, 
                 415, "unsupported_media_type", "send the body with Content-Type: application/json"
             )
-        return error_response(422, "validation_error", _describe(errors))
+        return _reply(request, 422, "validation_error", _describe(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code
-        return error_response(exc.status_code, code, message)
+        return _reply(request, exc.status_code, code, message)
 
     @app.exception_handler(RedisError)
     async def _redis(request: Request, exc: RedisError) -> JSONResponse:
         logger.warning("redis unavailable: %s", exc)
-        return error_response(503, "redis_unavailable", "storage is unavailable", retry_after=2)
+        return _reply(request, 503, "redis_unavailable", "storage is unavailable", retry_after=2)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error")
+        return _reply(request, 500, "internal_error", "internal error")

@@ -6,20 +6,29 @@ import json
 import logging
 from typing import Any
 
-from sse_starlette import EventSourceResponse, ServerSentEvent
-
 from api.deps import AppState, Principal
 from api.schemas import ErrorInfo, GenerationCreate, GenerationCreated, GenerationStatus
-from api.streaming import viewer_frames
+from api.sse import EventStreamResponse
+from api.streaming import Viewer
 from shared import events as ev
-from shared import keys, streams
-from shared.errors import BadRequest, Conflict, NotFound, ValidationFailed
+from shared import keys, limits, streams
+from shared.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    TooManyRequests,
+    Unavailable,
+    ValidationFailed,
+)
 from shared.ids import new_generation_id
 from shared.models import check_model
 
 logger = logging.getLogger(__name__)
 
 JOB_NAME = "generate"
+# How long a generation may wait in the queue before its concurrency slot is
+# given up on (the slot is normally released at its terminal event).
+QUEUE_ALLOWANCE_S = 600
 
 
 def events_url(gen_id: str) -> str:
@@ -45,14 +54,40 @@ async def create(
         created_at=streams.now(),
     )
     if idempotency_key is not None:
-        existing = await _claim_idempotency_key(state, tenant, idempotency_key, gen)
-        if existing is not None:
-            return existing
-    await streams.create(state.redis, gen, metadata=body.metadata)
-    await state.queue.enqueue_job(JOB_NAME, gen.id, _job_id=gen.id)
+        _check_idempotency_key(idempotency_key)
+        earlier = await _earlier_generation(state, tenant, idempotency_key)
+        if earlier is not None:
+            return earlier
+    await _admit(state, tenant, gen.id)
+    try:
+        if idempotency_key is not None:
+            earlier = await _claim_idempotency_key(state, tenant, idempotency_key, gen)
+            if earlier is not None:  # a concurrent retry won the key
+                await limits.release(state.redis, tenant, gen.id)
+                return earlier
+        await streams.create(state.redis, gen, metadata=body.metadata)
+        await state.queue.enqueue_job(JOB_NAME, gen.id, _job_id=gen.id)
+    except BaseException:
+        await limits.release(state.redis, tenant, gen.id)
+        raise
     await state.redis.publish(keys.WAKE_CHANNEL, gen.id)
     logger.info("created generation_id=%s model=%s tenant=%s", gen.id, gen.model, tenant)
     return _created(state, gen.id, ev.QUEUED, gen.model, gen.created_at)
+
+
+async def _admit(state: AppState, tenant: str, gen_id: str) -> None:
+    """Queue depth (503) and the tenant's concurrency (429), both with Retry-After."""
+    settings = state.settings
+    if await limits.queue_depth(state.redis, settings.queue_name) >= settings.max_queue_depth:
+        raise Unavailable("the queue is full; retry shortly", code="overloaded", retry_after=5)
+    hold_s = settings.max_generation_s + QUEUE_ALLOWANCE_S
+    if not await limits.admit(
+        state.redis, tenant, gen_id, settings.max_concurrent_per_tenant, hold_s
+    ):
+        raise TooManyRequests(
+            f"at most {settings.max_concurrent_per_tenant} concurrent generations per tenant",
+            retry_after=2,
+        )
 
 
 def _job_request(body: GenerationCreate) -> dict[str, Any]:
@@ -70,23 +105,35 @@ def _job_request(body: GenerationCreate) -> dict[str, Any]:
     }
 
 
-async def _claim_idempotency_key(
-    state: AppState, tenant: str, key: str, gen: streams.NewGeneration
-) -> GenerationCreated | None:
+def _check_idempotency_key(key: str) -> None:
     if not key or len(key) > 200:
         raise BadRequest("Idempotency-Key must be 1 to 200 characters")
-    record = json.dumps({"id": gen.id, "model": gen.model, "created_at": gen.created_at})
-    idem_key = keys.idempotency(tenant, key)
-    claimed = await state.redis.set(idem_key, record, nx=True, ex=state.settings.retention_s)
-    if claimed:
-        return None
-    raw = await state.redis.get(idem_key)
-    if raw is None:  # expired between SET and GET: treat as new
+
+
+async def _earlier_generation(
+    state: AppState, tenant: str, key: str
+) -> GenerationCreated | None:
+    """The generation this tenant created earlier with this Idempotency-Key, if any."""
+    raw = await state.redis.get(keys.idempotency(tenant, key))
+    if raw is None:
         return None
     earlier = json.loads(raw)
     status = await streams.read_status(state.redis, earlier["id"])
     current = status[0]["status"] if status else ev.QUEUED
     return _created(state, earlier["id"], current, earlier["model"], earlier["created_at"])
+
+
+async def _claim_idempotency_key(
+    state: AppState, tenant: str, key: str, gen: streams.NewGeneration
+) -> GenerationCreated | None:
+    """Claim the key for ``gen``; if another request holds it, that request's generation."""
+    record = json.dumps({"id": gen.id, "model": gen.model, "created_at": gen.created_at})
+    claimed = await state.redis.set(
+        keys.idempotency(tenant, key), record, nx=True, ex=state.settings.retention_s
+    )
+    if claimed:
+        return None
+    return await _earlier_generation(state, tenant, key)
 
 
 def _created(
@@ -145,16 +192,23 @@ def parse_after(last_event_id: str | None, after: str | None) -> ev.StreamId | N
 
 def event_stream(
     state: AppState, gen_id: str, after: ev.StreamId | None, status_code: int = 200
-) -> EventSourceResponse:
-    return EventSourceResponse(
-        viewer_frames(state.hub, state.redis, gen_id, after),
+) -> EventStreamResponse:
+    """The SSE response of one viewer: ``retry:``, replay after ``after``, live, the end."""
+    return EventStreamResponse(
+        Viewer(state.hub, state.redis, gen_id, after),
+        state.hub.connections,
+        preamble=ev.RETRY_FRAME,
         status_code=status_code,
         headers={"X-Generation-Id": gen_id},
-        ping=state.settings.heartbeat_s,
-        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
-        send_timeout=state.settings.send_timeout_s,
-        sep="\n",
+        label=f"generation_id={gen_id}",
     )
+
+
+def ensure_viewer_capacity(state: AppState) -> None:
+    """503 + Retry-After when this process already serves MAX_VIEWERS_PER_PROCESS streams."""
+    if len(state.hub.connections) >= state.settings.max_viewers_per_process:
+        raise Unavailable("this API process is at its viewer limit; retry (any instance)",
+                          code="overloaded", retry_after=1)
 
 
 async def cancel(state: AppState, tenant: str, gen_id: str) -> str:
@@ -165,5 +219,7 @@ async def cancel(state: AppState, tenant: str, gen_id: str) -> str:
         raise Conflict("the generation has already ended", code="already_ended")
     if outcome == "requested":
         await state.redis.publish(keys.CANCEL_CHANNEL, gen_id)
+    elif outcome == "cancelled":  # was queued: ended here, so its slot is free now
+        await limits.release(state.redis, tenant, gen_id)
     logger.info("cancel %s generation_id=%s", outcome, gen_id)
     return outcome

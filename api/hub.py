@@ -2,12 +2,15 @@
 
     viewers ──join──▶ Hub.channels[gen_id] ◀── one XREAD loop (all active streams, one call)
        ▲                   │ frames (encoded once, shared, append-only)
-       └──── slice(pos) ───┘
+       └──── take(pos) ────┘
 
 A channel holds the encoded SSE frames of one generation, in order, shared by
 all its local viewers; a viewer is only a position in that list, so its own
-memory is constant and a slow viewer slows nobody. The list is capped; a viewer
-that falls behind the cap reads the missing part from Redis at its own pace.
+memory is constant and a slow viewer slows nobody. A viewer parks a future on
+the channel; one ``notify`` per XREAD batch resolves them all, and each viewer
+then writes every frame it has not sent yet in one chunk (built once for all
+viewers at the same position). The list is capped; a viewer that falls behind
+the cap reads the missing part from Redis at its own pace.
 
 Seam without gap or duplicate: the first viewer of a stream loads the retained
 tail with one XREVRANGE, and the channel's read cursor is the last id loaded, so
@@ -26,6 +29,7 @@ import secrets
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from api.sse import Connections
 from shared import events as ev
 from shared import keys
 from shared.redis import create_blocking_redis
@@ -34,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 BLOCK_MS = 5000
 READ_COUNT = 500
+# At most this many frames in one write: bounds a viewer's chunk, and so the
+# bytes one stalled socket can hold beyond its transport's high-water mark.
+CHUNK_FRAMES = 256
 
 
 class Channel:
@@ -52,7 +59,8 @@ class Channel:
         self.failed: BaseException | None = None
         self.loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._max_frames = max_frames
-        self._new = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._chunk: tuple[int, int, bytes] = (-1, -1, b"")  # (pos, stop, joined frames)
 
     @property
     def done(self) -> bool:
@@ -81,8 +89,23 @@ class Channel:
         self.notify()
 
     def notify(self) -> None:
-        event, self._new = self._new, asyncio.Event()
-        event.set()
+        """Wake every parked viewer (one future each, resolved in one pass)."""
+        waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+    def park(self, future: asyncio.Future[None]) -> None:
+        """Resolve ``future`` at the next append (or failure)."""
+        waiters = self._waiters
+        waiters.append(future)
+        if len(waiters) > 2 * self.viewers + 64:
+            # Viewers that left while parked leave done futures behind; drop them.
+            self._waiters = [f for f in waiters if not f.done()]
+
+    @property
+    def parked(self) -> int:
+        return sum(1 for f in self._waiters if not f.done())
 
     def position_after(self, last: ev.StreamId | None) -> int | None:
         """Absolute index of the first frame after ``last``; None if that part was trimmed."""
@@ -96,18 +119,21 @@ class Channel:
         return self.ids[pos - self.base]
 
     def take(self, pos: int) -> tuple[bytes, int, bool]:
-        """(frames from pos joined into one chunk, new pos, whether the terminal was included)."""
-        chunk = b"".join(self.frames[pos - self.base :])
-        end = self.end
-        return chunk, end, self.terminal_at is not None and self.terminal_at < end
+        """(frames from pos joined into one chunk, new pos, whether the terminal was included).
 
-    async def wait_beyond(self, pos: int) -> None:
-        while self.end <= pos and self.failed is None:
-            await self._new.wait()
+        Viewers at the same position share one joined chunk.
+        """
+        stop = min(self.end, pos + CHUNK_FRAMES)
+        cached_pos, cached_stop, chunk = self._chunk
+        if cached_pos != pos or cached_stop != stop:
+            chunk = b"".join(self.frames[pos - self.base : stop - self.base])
+            self._chunk = (pos, stop, chunk)
+        return chunk, stop, self.terminal_at is not None and self.terminal_at < stop
 
 
 class Hub:
-    def __init__(self, redis: Redis, redis_url: str, max_frames: int):
+    def __init__(self, redis: Redis, redis_url: str, max_frames: int, *,
+                 heartbeat_s: float = 15.0, send_timeout_s: float = 30.0):
         self._redis = redis
         self._redis_url = redis_url
         self._max_frames = max_frames
@@ -115,6 +141,7 @@ class Hub:
         self._wake_key = keys.hub_wake(self.node_id)
         self._wake_cursor = "0-0"
         self.channels: dict[str, Channel] = {}
+        self.connections = Connections(heartbeat_s, send_timeout_s)
         self._changed = asyncio.Event()
         self._in_read = False
         self._task: asyncio.Task[None] | None = None
@@ -127,8 +154,10 @@ class Hub:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._read_loop(), name="tr-hub")
+        self.connections.start()
 
     async def stop(self) -> None:
+        await self.connections.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -145,11 +174,15 @@ class Hub:
             channel = self.channels[gen_id] = Channel(gen_id, self._max_frames)
             asyncio.create_task(self._load(channel), name=f"tr-hub-load-{gen_id}")
         channel.viewers += 1
-        try:
-            await asyncio.shield(channel.loaded)
-        except BaseException:
+        if not channel.loaded.done():
+            try:
+                await asyncio.shield(channel.loaded)
+            except BaseException:
+                self.leave(channel)
+                raise
+        elif channel.failed is not None:
             self.leave(channel)
-            raise
+            raise channel.failed
         return channel
 
     def leave(self, channel: Channel) -> None:

@@ -1,65 +1,114 @@
 """What one SSE viewer receives: replay after its last id, then live, then the end.
 
-The viewer's position is an index into its hub channel; when the part it needs
-has left the channel's memory it reads that part from Redis first. Events are
-filtered by id at every switch, so the seam has no gap and no duplicate.
+A :class:`Viewer` is the frame source of one connection (see ``api.sse``). Its
+position is an index into its hub channel; when the part it needs has left the
+channel's memory (or the channel has not reached it yet) it re-seeks by event
+id, reading from Redis what memory no longer holds. Every switch goes by id, so
+the seam has no gap and no duplicate.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 
 from api.hub import Channel, Hub
+from api.sse import Connection
 from shared import events as ev
 from shared import streams
 
 REDIS_PAGE = 500
 
 
+class Viewer:
+    """The frames of ``gen_id`` after ``after`` for one connection, in chunks."""
+
+    __slots__ = ("hub", "redis", "gen_id", "last", "pos", "channel", "finished")
+
+    def __init__(self, hub: Hub, redis: Redis, gen_id: str, after: ev.StreamId | None):
+        self.hub = hub
+        self.redis = redis
+        self.gen_id = gen_id
+        self.last = after  # id of the last event sent (or the client's Last-Event-ID)
+        self.pos: int | None = None  # absolute index in the channel of the next frame to send
+        self.channel: Channel | None = None
+        self.finished = False  # the terminal frame was handed out
+
+    async def open(self) -> None:
+        """Join the hub's channel of the stream (loading its tail if we are the first)."""
+        if self.channel is None:
+            self.channel = await self.hub.join(self.gen_id)
+
+    async def next(self, conn: Connection) -> bytes | None:
+        """The next chunk to write; b"" when woken with nothing new; None after the terminal."""
+        if self.finished:
+            return None
+        channel = self.channel
+        if channel is None:
+            channel = self.channel = await self.hub.join(self.gen_id)
+        while True:
+            pos = self.pos
+            if pos is None or pos < channel.base:
+                pos = self.pos = channel.position_after(self.last)
+                if pos is None:
+                    return await self._from_redis()
+            if pos < channel.end:
+                last = self.last
+                if last is not None and channel.id_at(pos) <= last:
+                    # We are past what the channel holds here (a Redis read ran ahead of
+                    # the hub): re-seek by id instead of sending anything twice.
+                    self.pos = channel.position_after(last)
+                    continue
+                chunk, stop, terminal = channel.take(pos)
+                self.pos = stop
+                self.last = channel.id_at(stop - 1)
+                self.finished = terminal
+                return chunk
+            if channel.failed is not None:
+                raise channel.failed
+            if conn.closing or conn.ping_due:
+                return b""
+            future = conn.waiter()
+            channel.park(future)
+            await future
+            if conn.closing or (conn.ping_due and channel.end <= pos):
+                return b""
+
+    async def _from_redis(self) -> bytes | None:
+        """The next page after ``last`` straight from Redis (memory no longer has it)."""
+        start = None if self.last is None else ev.format_id(self.last)
+        entries = await streams.read_after(self.redis, self.gen_id, start, REDIS_PAGE)
+        if not entries:
+            self.finished = True  # the stream expired under us; nothing more to send
+            return None
+        frames = [ev.frame_of_entry(eid, fields) for eid, fields in entries]
+        self.last = ev.parse_id(frames[-1][0])
+        self.pos = None  # re-seek in the channel by id next time
+        self.finished = any(etype in ev.TERMINAL_TYPES for _, etype, _ in frames)
+        return b"".join(frame for _, _, frame in frames)
+
+    async def aclose(self) -> None:
+        if self.channel is not None:
+            self.hub.leave(self.channel)
+            self.channel = None
+
+
 async def viewer_frames(
     hub: Hub, redis: Redis, gen_id: str, after: ev.StreamId | None
 ) -> AsyncIterator[bytes]:
-    """SSE bytes for one viewer of ``gen_id``, starting after ``after``."""
-    yield ev.RETRY_FRAME
-    channel = await hub.join(gen_id)
+    """The same bytes as an async iterator (``retry:`` first), for in-process consumers.
+
+    Close it (``aclosing``) to leave the hub at once.
+    """
+    viewer = Viewer(hub, redis, gen_id, after)
+    conn = Connection(None, asyncio.get_running_loop().time(), f"generation_id={gen_id}")
     try:
-        async for chunk in _follow(channel, redis, gen_id, after):
-            yield chunk
-    finally:
-        hub.leave(channel)
-
-
-async def _follow(
-    channel: Channel, redis: Redis, gen_id: str, last: ev.StreamId | None
-) -> AsyncIterator[bytes]:
-    while True:
-        pos = channel.position_after(last)
-        if pos is None:
-            # What this viewer needs next has left the hub's memory: read it from Redis.
-            start = None if last is None else ev.format_id(last)
-            entries = await streams.read_after(redis, gen_id, start, REDIS_PAGE)
-            if not entries:
-                return  # the stream expired under us; nothing more to send
-            frames = [ev.frame_of_entry(eid, fields) for eid, fields in entries]
-            last = ev.parse_id(frames[-1][0])
-            yield b"".join(frame for _, _, frame in frames)
-            if any(etype in ev.TERMINAL_TYPES for _, etype, _ in frames):
-                return
-            continue
-        while True:
-            if pos < channel.base:
-                break  # trimmed while we were away: back to Redis
-            if pos < channel.end:
-                if last is not None and channel.id_at(pos) <= last:
-                    break  # channel behind what we already sent: re-seek by id
-                chunk, pos, terminal = channel.take(pos)
-                last = channel.id_at(pos - 1)
+        await viewer.open()
+        yield ev.RETRY_FRAME
+        while (chunk := await viewer.next(conn)) is not None:
+            if chunk:
                 yield chunk
-                if terminal:
-                    return
-                continue
-            if channel.failed is not None:
-                raise channel.failed
-            await channel.wait_beyond(pos)
+    finally:
+        await viewer.aclose()

@@ -53,3 +53,34 @@ CANCEL_CHANNEL = f"{PREFIX}:cancel"
 # Shared signing secret used when TOKENRELAY_SIGNING_SECRET is unset (dev setups),
 # so every API process of one deployment signs alike.
 SIGNING_SECRET = f"{PREFIX}:signing-secret"
+
+
+def usage(tenant: str) -> str:
+    """Hash of a tenant's running totals: tokens, and generations by final status."""
+    return f"{PREFIX}:usage:{{{tenant}}}"
+
+
+def usage_counted(tenant: str, gen_id: str) -> str:
+    """Marker that a generation is in its tenant's totals, so a re-run never counts it twice."""
+    return f"{PREFIX}:usage:{{{tenant}}}:counted:{gen_id}"
+
+
+# Hash gen_id -> "<worker id> <attempt>" of every generation a worker is running;
+# the reaper compares it with the workers' liveness keys to find lost generations.
+RUNNING = f"{PREFIX}:running"
+
+# Held for one reaper pass, so several workers don't re-enqueue the same generation.
+REAPER_LOCK = f"{PREFIX}:reaper-lock"
+
+
+def worker_alive(worker_id: str) -> str:
+    """Liveness key of a worker process, renewed every second with a short TTL."""
+    return f"{PREFIX}:worker:{{{worker_id}}}:alive"
+
+
+def tenant_active(tenant: str) -> str:
+    """Sorted set of a tenant's queued and running generations (score: when to give up on one)."""
+    return f"{PREFIX}:active:{{{tenant}}}"
+
+# Hash of deployment-wide generation statistics (shared/stats.py), read by /metrics.
+STATS = f"{PREFIX}:stats"

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     hub_history_frames: int = Field(20000, gt=0)
     send_timeout_s: float = Field(30.0, gt=0)
     log_level: str = "INFO"
+    log_format: str = Field("text", pattern="^(text|json)$")
+    max_attempts: int = Field(3, ge=1)
+    worker_grace_s: float = Field(20.0, ge=0)
+    max_viewers_per_process: int = Field(20000, gt=0)
 
     @field_validator("api_keys")
     @classmethod

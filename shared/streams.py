@@ -27,7 +27,7 @@ if not st then return {{0, 'missing'}} end
 if {_TERMINAL_LUA} then return {{0, st}} end
 local prev = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
 if tonumber(ARGV[1]) <= prev then return {{0, 'stale'}} end
-redis.call('HSET', KEYS[1], 'attempt', ARGV[1], 'status', 'running', 'started_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'attempt', ARGV[1], 'status', 'running', 'started_at', ARGV[2], 'seq', '0')
 redis.call('SET', KEYS[3], '', 'EX', ARGV[3])
 if st == 'running' then
   redis.call('XADD', KEYS[2], '*', 't', 'status', 'd',
@@ -36,12 +36,16 @@ end
 return {{1, redis.call('XADD', KEYS[2], '*', 't', 'status', 'd', '{{"status":"running"}}')}}
 """
 
-# KEYS: meta events content ; ARGV: attempt data_json text
+# KEYS: meta events content ; ARGV: attempt data_json text seq
+# ``seq`` makes a retried append idempotent: a delta whose reply was lost (Redis
+# went away after running the script) is not appended twice.
 _DELTA = """
-local m = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+local m = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'seq')
 if m[1] ~= 'running' or m[2] ~= ARGV[1] then return false end
+if tonumber(m[3] or '0') >= tonumber(ARGV[4]) then return 'dup' end
 local id = redis.call('XADD', KEYS[2], '*', 't', 'delta', 'd', ARGV[2])
 if ARGV[3] ~= '' then redis.call('APPEND', KEYS[3], ARGV[3]) end
+redis.call('HSET', KEYS[1], 'seq', ARGV[4])
 return id
 """
 
@@ -152,11 +156,14 @@ async def start(redis: Redis, gen_id: str, attempt: int) -> tuple[bool, str]:
     return bool(ok), _text(detail)
 
 
-async def append_delta(redis: Redis, gen_id: str, attempt: int, data: dict[str, Any]) -> bool:
-    """Append a ``delta`` event; False if this attempt may no longer write (fenced or ended)."""
+async def append_delta(
+    redis: Redis, gen_id: str, attempt: int, data: dict[str, Any], seq: int
+) -> bool:
+    """Append delta number ``seq`` (1, 2, … per attempt); False if this attempt may no
+    longer write (fenced or ended). Retrying the same ``seq`` never appends twice."""
     text = data.get("content") or ""
     result = await _run(
-        redis, _DELTA, _gen_keys(gen_id)[:3], attempt, ev.dumps(data), text
+        redis, _DELTA, _gen_keys(gen_id)[:3], attempt, ev.dumps(data), text, seq
     )
     return result is not None
 

@@ -55,3 +55,38 @@ def text_of(events: list[Event]) -> str:
         elif event.type == "delta":
             text += event.data.get("content", "")
     return text
+
+
+def follow(urls: list[str], gen_id: str, headers: dict[str, str] | None = None,
+           timeout: float = 60.0, on_event: Any = None) -> list[Event]:
+    """Events of a resilient viewer: on a dropped or refused connection it resumes with
+    Last-Event-ID on the next URL in ``urls`` (round robin), until the terminal event."""
+    import time
+
+    out: list[Event] = []
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while time.monotonic() < deadline:
+        base = urls[attempt % len(urls)]
+        attempt += 1
+        hdrs = dict(headers or {})
+        if out:
+            hdrs["Last-Event-ID"] = out[-1].id
+        try:
+            with httpx.Client(timeout=httpx.Timeout(5.0, read=30.0)) as client, connect_sse(
+                client, "GET", f"{base}/v1/generations/{gen_id}/events", headers=hdrs
+            ) as source:
+                if source.response.status_code != 200:
+                    time.sleep(0.05)  # a 503 while a dependency restarts: retry shortly
+                    continue
+                for sse in source.iter_sse():
+                    if not sse.data:
+                        continue
+                    out.append(Event(sse.id, sse.event, json.loads(sse.data)))
+                    if on_event is not None:
+                        on_event(out[-1])
+                    if out[-1].terminal:
+                        return out
+        except httpx.HTTPError:
+            time.sleep(0.05)  # the browser's EventSource waits `retry` ms; we wait less
+    raise AssertionError(f"no terminal event within {timeout}s; got {len(out)} events")

@@ -95,6 +95,10 @@ class Stack:
                 self.add_worker()
             for url in self.urls:
                 self.wait_ready(url)
+        except AssertionError as exc:
+            logs = "\n".join(f"--- {p.name}:\n{p.output()[-3000:]}" for p in self.apis)
+            self.stop()
+            raise AssertionError(f"{exc}\n{logs}") from None
         except BaseException:
             self.stop()
             raise

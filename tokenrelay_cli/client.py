@@ -1,50 +1,136 @@
 """Terminal clients: ``chat`` starts a generation and prints it, ``watch`` follows one.
 
-Both resume transparently after a dropped connection (``Last-Event-ID``), so the
-printed text is exactly the generation's text.
+Both print only the answer's text on stdout (so it can be piped) and everything
+else on stderr: a spinner while nothing has arrived yet (only on a terminal),
+and a summary line at the end. A dropped connection is resumed silently with
+``Last-Event-ID``, so the printed text is exactly the generation's text.
+
+Exit codes (docs/cli.md): 0 completed, 1 the generation failed, 2 the server
+refused the request (4xx, or bad arguments), 3 cancelled, 4 server unreachable
+or unavailable, 130 interrupted with Ctrl-C.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from httpx_sse import ServerSentEvent, connect_sse
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # the generation ended with an error
-EXIT_USAGE = 2  # the server refused the request
-EXIT_CANCELLED = 3
-EXIT_UNREACHABLE = 4
+DEFAULT_URL = "http://127.0.0.1:8000"
 
-RETRYABLE = (httpx.TransportError, httpx.RemoteProtocolError)
+EXIT_OK = 0
+EXIT_FAILED = 1  # the generation ended with an error event
+EXIT_REFUSED = 2  # the server answered 4xx (unknown id, bad model, no key, ...)
+EXIT_CANCELLED = 3  # the generation was cancelled (by anyone)
+EXIT_UNREACHABLE = 4  # could not reach the server, or it stayed unavailable (5xx)
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+
+TERMINAL_EVENTS = ("done", "cancelled", "error")
+
+
+class ApiError(Exception):
+    """The server answered with an error status."""
+
+    def __init__(self, status: int, body: str):
+        self.status = status
+        try:
+            error = json.loads(body)["error"]
+            detail = f"{error['code']}: {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            detail = body.strip()[:200] or "no details"
+        super().__init__(f"{detail} (HTTP {status})")
+
+    @property
+    def retryable(self) -> bool:
+        # 5xx: a restart or an overload that passes. A 429 is the caller's own limit: report it.
+        return self.status >= 500
+
+
+class StreamBroken(Exception):
+    """The event stream ended before its terminal event."""
+
+
+class Unreachable(Exception):
+    """Could not (re)connect before the deadline."""
 
 
 @dataclass
 class Outcome:
-    gen_id: str
+    """What one run of ``chat`` or ``watch`` saw."""
+
+    gen_id: str | None = None
+    last_id: str | None = None
+    first_id: str | None = None  # the first event seen: `queued` when following from the start
     terminal: str = ""
     data: dict[str, Any] = field(default_factory=dict)
     text: str = ""
+    sent_at: float | None = None  # monotonic time the prompt was sent (chat only)
+    ttft_s: float | None = None
 
     @property
     def exit_code(self) -> int:
         return {"done": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(self.terminal, EXIT_FAILED)
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, body: str):
-        super().__init__(f"HTTP {status}: {body}")
-        self.status = status
+class Spinner:
+    """A one-line spinner on stderr while nothing has been printed; silent unless a terminal."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, stream: TextIO, interval: float = 0.08):
+        self.stream = stream
+        self.enabled = _isatty(stream)
+        self.interval = interval
+        self.label = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self, label: str) -> None:
+        self.label = label
+        if not self.enabled or self._thread is not None:
+            return
+        self._stop.clear()
+        self._draw(0)
+        self._thread = threading.Thread(target=self._run, name="spinner", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        with self._lock:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+    def _run(self) -> None:
+        frame = 1
+        while not self._stop.wait(self.interval):
+            self._draw(frame)
+            frame += 1
+
+    def _draw(self, frame: int) -> None:
+        with self._lock:
+            self.stream.write(f"\r{self.FRAMES[frame % len(self.FRAMES)]} {self.label}\x1b[K")
+            self.stream.flush()
 
 
-def _headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _check(response: httpx.Response) -> None:
@@ -54,106 +140,283 @@ def _check(response: httpx.Response) -> None:
 
 
 class Follower:
-    """Prints one generation's text as it arrives and resumes after drops."""
+    """Prints one generation's text as it arrives; reopens the stream after drops."""
 
-    def __init__(self, client: httpx.Client, out: TextIO, err: TextIO, max_retries: int = 30):
+    def __init__(self, client: httpx.Client, out: TextIO, err: TextIO, spinner: Spinner,
+                 token: str | None = None, reconnect_for: float = 120.0):
         self.client = client
         self.out = out
         self.err = err
-        self.max_retries = max_retries
+        self.spinner = spinner
+        self.token = token
+        self.reconnect_for = reconnect_for
+
+    def follow(self, outcome: Outcome, events: Iterator[ServerSentEvent] | None = None) -> None:
+        """Handle events until the terminal one. ``events``: an already open stream, if any."""
+        down_since: float | None = None
+        delay = 0.1
+        while True:
+            try:
+                if events is None:
+                    events = self._open(outcome)
+                for sse in events:
+                    down_since, delay = None, 0.1
+                    if self._handle(sse, outcome):
+                        return
+                raise StreamBroken("the stream ended before its terminal event")
+            except (httpx.TransportError, StreamBroken, ApiError) as exc:
+                if isinstance(exc, ApiError) and not exc.retryable:
+                    raise
+                now = time.monotonic()
+                down_since = down_since or now
+                if now - down_since > self.reconnect_for:
+                    raise Unreachable(f"gave up reconnecting after {self.reconnect_for:.0f}s: "
+                                      f"{exc}") from exc
+                events = None
+                time.sleep(delay)  # back off before reconnecting; not waiting on a condition
+                delay = min(delay * 2, 2.0)
+
+    def _open(self, outcome: Outcome) -> Iterator[ServerSentEvent]:
+        headers = {"Last-Event-ID": outcome.last_id} if outcome.last_id else {}
+        params = {"token": self.token} if self.token else None
+        with connect_sse(self.client, "GET", f"/v1/generations/{outcome.gen_id}/events",
+                         headers=headers, params=params) as source:
+            _check(source.response)
+            yield from source.iter_sse()
 
     def _handle(self, sse: ServerSentEvent, outcome: Outcome) -> bool:
         """Print one event; True once the terminal event arrived."""
+        if sse.event not in ("status", "delta", *TERMINAL_EVENTS):
+            return False  # the `retry:` frame, or an event type this client doesn't know
+        if sse.id:
+            outcome.last_id = sse.id
+            outcome.first_id = outcome.first_id or sse.id
         data = json.loads(sse.data) if sse.data else {}
-        if sse.event == "delta":
+        if sse.event == "status":
+            status = data.get("status")
+            if status == "running":
+                self.spinner.label = "running, waiting for the first token"
+            elif status == "restarted":
+                # The job restarted on another worker and its text starts over. What is
+                # printed cannot be taken back: say so, and print the new text on a new line.
+                self.spinner.stop()
+                outcome.text = ""
+                outcome.ttft_s = None
+                self.out.write("\n")
+                self.out.flush()
+                self.err.write("[the worker was lost; the answer restarts below]\n")
+                self.err.flush()
+        elif sse.event == "delta":
             text = data.get("content") or ""
-            outcome.text += text
-            self.out.write(text)
-            self.out.flush()
-        elif sse.event == "status" and data.get("status") == "restarted":
-            outcome.text = ""
-            self.err.write("\n[worker lost; the generation restarted]\n")
-        elif sse.event in ("done", "cancelled", "error"):
+            if text:
+                self.spinner.stop()
+                if outcome.ttft_s is None:
+                    outcome.ttft_s = self._ttft(outcome, sse.id)
+                outcome.text += text
+                self.out.write(text)
+                self.out.flush()
+        else:
+            self.spinner.stop()
             outcome.terminal, outcome.data = sse.event, data
             return True
         return False
 
-    def follow(self, outcome: Outcome, events: Iterator[ServerSentEvent] | None,
-               last_id: str | None = None) -> Outcome:
-        retries = 0
+    @staticmethod
+    def _ttft(outcome: Outcome, delta_id: str) -> float | None:
+        if outcome.sent_at is not None:
+            return time.monotonic() - outcome.sent_at
+        if outcome.first_id and delta_id:
+            # Watching: the ids' millisecond parts are append times on the server's clock.
+            return (_id_ms(delta_id) - _id_ms(outcome.first_id)) / 1000
+        return None
+
+
+def _id_ms(event_id: str) -> int:
+    return int(event_id.split("-", 1)[0])
+
+
+class Session:
+    """One HTTP client plus the terminal it prints to."""
+
+    def __init__(self, base_url: str, api_key: str | None, out: TextIO, err: TextIO,
+                 stdin: TextIO, token: str | None = None, reconnect_for: float = 120.0):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=self.base_url, headers=headers,
+                                   timeout=httpx.Timeout(10.0, read=60.0))
+        self.out, self.err, self.stdin = out, err, stdin
+        self.spinner = Spinner(err)
+        self.follower = Follower(self.client, out, err, self.spinner, token, reconnect_for)
+        self.reconnect_for = reconnect_for
+
+    def close(self) -> None:
+        self.spinner.stop()
+        self.client.close()
+
+    def create_and_follow(self, body: dict[str, Any], outcome: Outcome) -> None:
+        """POST with ``Accept: text/event-stream``; the answer is the stream itself.
+
+        An Idempotency-Key makes it safe to send again when the connection broke after the
+        request went out: the server answers with the same generation.
+        """
+        headers = {"Idempotency-Key": f"cli-{uuid.uuid4()}"}
+        delay = 0.1
+        reached = False  # an attempt got through, so a refused connection means a restart
+        outcome.sent_at = first_try = time.monotonic()
         while True:
             try:
-                if events is None:
-                    headers = {"Last-Event-ID": last_id} if last_id else {}
-                    events = self._open(outcome.gen_id, headers)
-                for sse in events:
-                    retries = 0
-                    if sse.id:
-                        last_id = sse.id
-                    if self._handle(sse, outcome):
-                        return outcome
-                raise httpx.RemoteProtocolError("stream ended before its terminal event")
-            except RETRYABLE:
-                retries += 1
-                if retries > self.max_retries:
+                with connect_sse(self.client, "POST", "/v1/generations", json=body,
+                                 headers=headers) as source:
+                    _check(source.response)
+                    outcome.gen_id = source.response.headers["x-generation-id"]
+                    self.follower.follow(outcome, source.iter_sse())
+                    return
+            except (httpx.TransportError, ApiError) as exc:
+                if outcome.gen_id is not None:
+                    raise  # the follower already retried what can be retried
+                refused = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+                if isinstance(exc, ApiError) and not exc.retryable:
                     raise
-                events = None
-                time.sleep(min(0.1 * 2**retries, 2.0))
+                if refused and not reached:
+                    raise  # nothing listens there: say so now rather than retry for minutes
+                reached = reached or not refused
+                if time.monotonic() - first_try > self.reconnect_for:
+                    raise Unreachable(f"could not create the generation: {exc}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
-    def _open(self, gen_id: str, headers: dict[str, str]) -> Iterator[ServerSentEvent]:
-        with connect_sse(self.client, "GET", f"/v1/generations/{gen_id}/events",
-                         headers=headers) as source:
-            _check(source.response)
-            yield from source.iter_sse()
+    def cancel(self, gen_id: str) -> str:
+        """Ask the server to cancel; a sentence saying what happened."""
+        try:
+            response = self.client.post(f"/v1/generations/{gen_id}/cancel")
+        except httpx.TransportError as exc:
+            return f"could not reach the server to cancel: {exc}"
+        if response.status_code == 409:
+            return "it had already ended"
+        if response.status_code >= 400:
+            return f"cancel refused: {ApiError(response.status_code, response.text)}"
+        return "cancelled"
+
+    def watch_hint(self, gen_id: str, last_id: str | None) -> str:
+        url = "" if self.base_url == DEFAULT_URL else f" --url {self.base_url}"
+        hint = f"tokenrelay watch {gen_id}{url}"
+        if last_id:
+            return f"{hint}   (add --after {last_id} to continue from here)"
+        return hint
 
 
 def chat(base_url: str, prompt: str, model: str, api_key: str | None,
-         out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    with httpx.Client(base_url=base_url, headers=_headers(api_key),
-                      timeout=httpx.Timeout(10.0, read=60.0)) as client:
-        follower = Follower(client, out, err)
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
-        try:
-            with connect_sse(client, "POST", "/v1/generations", json=body) as source:
-                _check(source.response)
-                gen_id = source.response.headers["x-generation-id"]
-                outcome = Outcome(gen_id)
-                follower.follow(outcome, source.iter_sse())
-        except ApiError as exc:
-            err.write(f"error: {exc}\n")
-            return EXIT_USAGE
-        except httpx.TransportError as exc:
-            err.write(f"error: cannot reach {base_url}: {exc}\n")
-            return EXIT_UNREACHABLE
+         max_tokens: int | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+         stdin: TextIO = sys.stdin) -> int:
+    """Start a generation and print it; see the module docstring for the exit codes."""
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    session = Session(base_url, api_key, out, err, stdin)
+    outcome = Outcome()
+    try:
+        session.spinner.start("queued, waiting for a worker")
+        session.create_and_follow(body, outcome)
+    except KeyboardInterrupt:
+        session.spinner.stop()
+        return _interrupted(session, outcome, ask=True)
+    except ApiError as exc:
+        return _fail(session, f"error: {exc}", EXIT_REFUSED, outcome)
+    except (httpx.TransportError, Unreachable) as exc:
+        return _fail(session, f"error: cannot reach {base_url}: {exc}", EXIT_UNREACHABLE, outcome)
+    finally:
+        session.close()
     return _finish(outcome, out, err)
 
 
-def watch(base_url: str, gen_id: str, after: str | None, api_key: str | None,
-          out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    with httpx.Client(base_url=base_url, headers=_headers(api_key),
-                      timeout=httpx.Timeout(10.0, read=60.0)) as client:
-        outcome = Outcome(gen_id)
-        try:
-            Follower(client, out, err).follow(outcome, None, after)
-        except ApiError as exc:
-            err.write(f"error: {exc}\n")
-            return EXIT_USAGE
-        except httpx.TransportError as exc:
-            err.write(f"error: cannot reach {base_url}: {exc}\n")
-            return EXIT_UNREACHABLE
+def watch(base_url: str, target: str, after: str | None, api_key: str | None,
+          token: str | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+          stdin: TextIO = sys.stdin) -> int:
+    """Follow a generation (an id, or a share link) from the start or after an event id."""
+    gen_id, base_url, token = _parse_target(target, base_url, token)
+    session = Session(base_url, api_key, out, err, stdin, token=token)
+    outcome = Outcome(gen_id=gen_id, last_id=after)
+    try:
+        session.spinner.start("waiting for the first token")
+        session.follower.follow(outcome)
+    except KeyboardInterrupt:
+        session.spinner.stop()
+        return _interrupted(session, outcome, ask=False)
+    except ApiError as exc:
+        return _fail(session, f"error: {exc}", EXIT_REFUSED, outcome)
+    except (httpx.TransportError, Unreachable) as exc:
+        return _fail(session, f"error: cannot reach {base_url}: {exc}", EXIT_UNREACHABLE, outcome)
+    finally:
+        session.close()
     return _finish(outcome, out, err)
+
+
+def _parse_target(target: str, base_url: str, token: str | None) -> tuple[str, str, str | None]:
+    """An id, or a share link ``http://host/?view=ID&token=T`` (which also gives URL and token)."""
+    if not target.startswith(("http://", "https://")):
+        return target, base_url, token
+    parts = urlsplit(target)
+    query = parse_qs(parts.query)
+    gen_id = query.get("view", [""])[0]
+    return gen_id, f"{parts.scheme}://{parts.netloc}", token or query.get("token", [None])[0]
+
+
+def _fail(session: Session, message: str, code: int, outcome: Outcome) -> int:
+    session.spinner.stop()
+    if outcome.text:
+        session.out.write("\n")
+        session.out.flush()
+    session.err.write(message + "\n")
+    if outcome.gen_id and code == EXIT_UNREACHABLE:
+        session.err.write(f"the generation may still be running: "
+                          f"{session.watch_hint(outcome.gen_id, outcome.last_id)}\n")
+    session.err.flush()
+    return code
+
+
+def _interrupted(session: Session, outcome: Outcome, ask: bool) -> int:
+    out, err = session.out, session.err
+    if outcome.text:
+        out.write("\n")
+        out.flush()
+    if outcome.gen_id is None:
+        err.write("interrupted before the server answered\n")
+        return EXIT_INTERRUPTED
+    if ask and _isatty(session.stdin):
+        err.write(f"\nCancel generation {outcome.gen_id}, or leave it running? "
+                  "[c]ancel / [L]eave: ")
+        err.flush()
+        try:
+            answer = session.stdin.readline().strip().lower()
+        except KeyboardInterrupt:
+            answer = ""
+        if answer.startswith("c"):
+            err.write(f"{outcome.gen_id}: {session.cancel(outcome.gen_id)}\n")
+            return EXIT_INTERRUPTED
+    err.write(f"left running: {outcome.gen_id}\n"
+              f"follow it again: {session.watch_hint(outcome.gen_id, outcome.last_id)}\n")
+    err.flush()
+    return EXIT_INTERRUPTED
 
 
 def _finish(outcome: Outcome, out: TextIO, err: TextIO) -> int:
     out.write("\n")
     out.flush()
+    parts: list[str]
     if outcome.terminal == "done":
+        parts = ["completed", str(outcome.data.get("finish_reason") or "?")]
         usage = outcome.data.get("usage") or {}
-        err.write(f"[{outcome.data.get('finish_reason')} · {usage.get('completion_tokens', '?')} "
-                  f"tokens · {outcome.gen_id}]\n")
+        if usage:
+            parts.append(f"{usage.get('prompt_tokens', '?')} prompt + "
+                         f"{usage.get('completion_tokens', '?')} completion tokens")
     elif outcome.terminal == "error":
-        err.write(f"[error {outcome.data.get('code')}: {outcome.data.get('message')} · "
-                  f"{outcome.gen_id}]\n")
+        parts = ["failed", f"{outcome.data.get('code')}: {outcome.data.get('message')}"]
     else:
-        err.write(f"[{outcome.terminal} · {outcome.gen_id}]\n")
+        parts = [outcome.terminal]
+    if outcome.ttft_s is not None:
+        parts.append(f"first token {outcome.ttft_s * 1000:.0f} ms")
+    parts.append(str(outcome.gen_id))
+    err.write(f"[{' · '.join(parts)}]\n")
+    err.flush()
     return outcome.exit_code

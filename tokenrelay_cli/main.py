@@ -13,7 +13,7 @@ import time
 import httpx
 from pydantic import ValidationError
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from tokenrelay_cli.client import DEFAULT_URL
 
 
 def _settings():  # type: ignore[no-untyped-def]
@@ -28,11 +28,10 @@ def _settings():  # type: ignore[no-untyped-def]
         raise SystemExit(2) from None
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _logging(settings) -> None:  # type: ignore[no-untyped-def]
+    from shared.logs import configure
+
+    configure(settings.log_level, settings.log_format)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -42,7 +41,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         print("configuration error: TOKENRELAY_REDIS_URL is not set", file=sys.stderr)
         return 2
-    _logging(settings.log_level)
+    _logging(settings)
     uvicorn.run(
         "api.app:create_app",
         factory=True,
@@ -50,6 +49,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level="warning",
+        log_config=None,  # keep ours (shared.logs): request ids, JSON on demand
         timeout_graceful_shutdown=5,
     )
     return 0
@@ -62,7 +62,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         print("configuration error: TOKENRELAY_REDIS_URL is not set", file=sys.stderr)
         return 2
-    _logging(settings.log_level)
+    _logging(settings)
     run(settings, args.concurrency)
     return 0
 
@@ -122,13 +122,56 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from tokenrelay_cli.client import chat
 
-    return chat(args.url, args.prompt, args.model, args.api_key)
+    return chat(args.url, args.prompt, args.model, args.api_key, max_tokens=args.max_tokens)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
     from tokenrelay_cli.client import watch
 
-    return watch(args.url, args.id, args.after, args.api_key)
+    return watch(args.url, args.id, args.after, args.api_key, token=args.token)
+
+
+CLIENT_EPILOG = """\
+The answer's text goes to stdout; the spinner, notices and the summary line to stderr.
+A dropped connection is resumed silently (Last-Event-ID).
+
+exit codes:
+  0    the generation completed
+  1    the generation failed (an error event)
+  2    the server refused the request (unknown id or model, bad key, ...) or bad arguments
+  3    the generation was cancelled
+  4    the server could not be reached, or stayed unavailable
+  130  interrupted with Ctrl-C (chat asks whether to cancel or leave it running)
+"""
+
+
+def _client_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    chat = sub.add_parser(
+        "chat", help="start a generation and print it as it streams",
+        description="Start a generation and print its text as it streams.",
+        epilog=CLIENT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    chat.add_argument("prompt")
+    chat.add_argument("--model", default="fake:echo", help="provider:name (default: fake:echo)")
+    chat.add_argument("--max-tokens", type=int, default=None)
+    chat.set_defaults(func=cmd_chat)
+
+    watch = sub.add_parser(
+        "watch", help="follow a generation, from the start or after an event id",
+        description="Follow a generation: replay its text so far, then follow it live. "
+                    "ID may also be a share link (http://HOST/?view=ID&token=T).",
+        epilog=CLIENT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    watch.add_argument("id", help="generation id, or a share link")
+    watch.add_argument("--after", default=None, metavar="EVENT_ID",
+                       help="print only what comes after this event id")
+    watch.add_argument("--token", default=None,
+                       help="read-only stream token (from a share link) instead of an API key")
+    watch.set_defaults(func=cmd_watch)
+
+    for c in (chat, watch):
+        c.add_argument("--url", default=os.environ.get("TOKENRELAY_URL", DEFAULT_URL),
+                       help="the API (default: $TOKENRELAY_URL or %(default)s)")
+        c.add_argument("--api-key", default=os.environ.get("TOKENRELAY_API_KEY"),
+                       help="default: $TOKENRELAY_API_KEY")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -150,19 +193,7 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=8000)
     dev.set_defaults(func=cmd_dev)
 
-    for name, helptext in (("chat", "start a generation and print it"),
-                           ("watch", "follow a generation")):
-        c = sub.add_parser(name, help=helptext)
-        if name == "chat":
-            c.add_argument("prompt")
-            c.add_argument("--model", default="fake:echo")
-            c.set_defaults(func=cmd_chat)
-        else:
-            c.add_argument("id")
-            c.add_argument("--after", default=None, help="resume after this event id")
-            c.set_defaults(func=cmd_watch)
-        c.add_argument("--url", default=os.environ.get("TOKENRELAY_URL", DEFAULT_URL))
-        c.add_argument("--api-key", default=os.environ.get("TOKENRELAY_API_KEY"))
+    _client_parsers(sub)
     return p
 
 

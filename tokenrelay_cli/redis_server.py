@@ -73,7 +73,12 @@ class RedisServer:
                 time.sleep(0.02)
         raise RuntimeError(f"redis-server did not answer on port {self.port}")
 
-    def stop(self) -> None:
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop the server (it writes its AOF on SIGTERM) and start it again, same port and data."""
+        self._terminate()
+        self.start(timeout)
+
+    def _terminate(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -83,4 +88,7 @@ class RedisServer:
                 self.process.wait()
         if self.process is not None and self.process.stderr:
             self.process.stderr.close()
+
+    def stop(self) -> None:
+        self._terminate()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -9,41 +9,72 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+import time
+from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import events as ev
-from shared import keys, streams
+from shared import keys, limits, stats, streams
 from shared.errors import ProviderError
 from shared.settings import Settings
+from shared.usage import record as count_usage
 from worker.control import Control
+from worker.lease import Lease, enqueue_attempt
 from worker.providers import Delta, Finish, GenerationRequest, Providers
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How long a worker keeps retrying an append while Redis is unreachable.
+APPEND_RETRY_S = 60.0
 
 
 class Fenced(Exception):
     """A newer attempt owns the stream, or it has ended: this attempt must stop writing."""
 
 
-async def generate(ctx: dict[str, Any], gen_id: str) -> str:
-    """arq job: stream one generation into its Redis Stream; returns the terminal event type."""
+async def generate(ctx: dict[str, Any], gen_id: str, attempt: int = 1) -> str:
+    """arq job: stream one attempt of a generation into its Redis Stream.
+
+    Returns the terminal event type, or why the attempt did not run. ``attempt``
+    is 1 for the API's job; the reaper and a shutting-down worker queue the next.
+    """
     redis: Redis = ctx["tr_redis"]
     settings: Settings = ctx["settings"]
     control: Control = ctx["control"]
-    attempt: int = ctx["job_try"]
+    lease: Lease = ctx["lease"]
 
     cancel_event = control.watch(gen_id)
     try:
         started, why = await streams.start(redis, gen_id, attempt)
         if not started:
             logger.info("not started (%s) generation_id=%s attempt=%d", why, gen_id, attempt)
+            if why in ev.TERMINAL_STATUSES:
+                # Ended without us (cancelled while queued), or counted by nobody yet
+                # (a worker lost right after the terminal write): count it, once.
+                await count_usage(redis, gen_id, settings.retention_s)
+                await limits.release_generation(redis, gen_id)
             return why
         logger.info("started generation_id=%s attempt=%d", gen_id, attempt)
+        await lease.hold(gen_id, attempt)
         if await redis.exists(keys.cancel(gen_id)):
             cancel_event.set()
-        outcome = await _run(ctx, gen_id, attempt, cancel_event)
+        try:
+            outcome = await _run(ctx, gen_id, attempt, cancel_event)
+        except asyncio.CancelledError:
+            # The worker is shutting down (not a user's cancel, which is an event):
+            # hand the generation over to another worker at once.
+            logger.warning("handing over generation_id=%s attempt=%d", gen_id, attempt)
+            await asyncio.shield(enqueue_attempt(ctx["redis"], redis, gen_id, attempt + 1))
+            raise
+        await lease.release(gen_id, attempt)
         logger.info("finished %s generation_id=%s", outcome, gen_id)
         return outcome
     finally:
@@ -55,17 +86,28 @@ async def _run(ctx: dict[str, Any], gen_id: str, attempt: int, cancel: asyncio.E
     settings: Settings = ctx["settings"]
     providers: Providers = ctx["providers"]
 
+    async def finish_and_count(event_type: str, data: dict[str, Any], fields: dict[str, str]
+                               ) -> None:
+        if await retrying(lambda: streams.finish(
+            redis, gen_id, attempt, event_type, data, settings.retention_s, fields
+        ), gen_id):
+            await count_usage(redis, gen_id, settings.retention_s)
+            await limits.release_generation(redis, gen_id)
+            await _record_stats(redis, event_type, data, timing)
+
     async def terminal(event_type: str, data: dict[str, Any], **fields: str) -> str:
-        # Shielded: a job cancelled mid-write still leaves exactly one terminal event.
-        await asyncio.shield(
-            streams.finish(redis, gen_id, attempt, event_type, data, settings.retention_s, fields)
-        )
+        # Shielded: a job cancelled mid-write still leaves exactly one terminal event,
+        # counted in the tenant's usage once.
+        await asyncio.shield(finish_and_count(event_type, data, fields))
         return event_type
 
-    meta = await redis.hget(keys.meta(gen_id), "request")
-    if meta is None:
+    raw_request, created_at, started_at = await redis.hmget(
+        keys.meta(gen_id), ["request", "created_at", "started_at"]
+    )
+    if raw_request is None:
         return "missing"
-    body = json.loads(meta)
+    body = json.loads(raw_request)
+    timing = _Timing(float(created_at or 0), float(started_at or 0))
     try:
         provider, name = providers.resolve(body["model"])
     except ProviderError as exc:
@@ -80,11 +122,16 @@ async def _run(ctx: dict[str, Any], gen_id: str, attempt: int, cancel: asyncio.E
 
     async def pump() -> Finish:
         finish: Finish | None = None
+        seq = 0
         async for chunk in provider.stream(request):
             if isinstance(chunk, Delta):
                 data = chunk.as_event()
-                if data and not await streams.append_delta(redis, gen_id, attempt, data):
-                    raise Fenced()
+                if data:
+                    seq += 1
+                    if not await append_with_retry(redis, gen_id, attempt, data, seq):
+                        raise Fenced()
+                    if seq == 1:
+                        timing.first_delta = time.time()
             else:
                 finish = chunk
         if finish is None:
@@ -134,6 +181,62 @@ async def _run(ctx: dict[str, Any], gen_id: str, attempt: int, cancel: asyncio.E
         "retryable": False,
     }
     return await terminal(ev.ERROR, data, error=json.dumps(data))
+
+
+@dataclass
+class _Timing:
+    created: float
+    started: float
+    first_delta: float | None = None
+
+
+async def _record_stats(
+    redis: Redis, event_type: str, data: dict[str, Any], timing: _Timing
+) -> None:
+    now = time.time()
+    completion = ((data.get("usage") or {}).get("completion_tokens")
+                  if event_type == ev.DONE else None)
+    streamed_s = now - timing.first_delta if timing.first_delta else 0.0
+    try:
+        await stats.record(
+            redis,
+            ev.STATUS_AFTER[event_type],
+            error_code=data.get("code") if event_type == ev.ERROR else None,
+            queue_wait_s=timing.started - timing.created if timing.started else None,
+            ttft_s=timing.first_delta - timing.created if timing.first_delta else None,
+            tokens_per_s=completion / streamed_s if completion and streamed_s > 0 else None,
+        )
+    except (RedisError, OSError) as exc:  # statistics must never fail a generation
+        logger.warning("could not record statistics: %s", exc)
+
+
+async def append_with_retry(
+    redis: Redis, gen_id: str, attempt: int, data: dict[str, Any], seq: int
+) -> bool:
+    """Append one delta, riding out a Redis outage.
+
+    Deltas are appended one at a time, in order, and a retried append with the
+    same ``seq`` is applied once, so an outage neither loses nor reorders nor
+    duplicates what this worker holds.
+    """
+    return await retrying(
+        lambda: streams.append_delta(redis, gen_id, attempt, data, seq), gen_id
+    )
+
+
+async def retrying(call: Callable[[], Awaitable[T]], gen_id: str) -> T:
+    """Run ``call``, retrying with backoff while Redis is unreachable (up to APPEND_RETRY_S)."""
+    delay = 0.05
+    deadline = asyncio.get_running_loop().time() + APPEND_RETRY_S
+    while True:
+        try:
+            return await call()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            logger.warning("redis write failed (%s); retrying generation_id=%s", exc, gen_id)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def _error_data(exc: ProviderError) -> dict[str, Any]:

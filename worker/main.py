@@ -16,10 +16,13 @@ from typing import Any
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
 
+from redis.exceptions import RedisError
+
 from shared.redis import create_redis
 from shared.settings import Settings
 from worker.control import Control
 from worker.jobs import generate
+from worker.lease import Lease
 from worker.providers import Providers
 from worker.providers.fake import FakeProvider
 from worker.providers.openai_compat import OpenAICompatProvider
@@ -60,9 +63,18 @@ class TokenRelayWorker(Worker):
             await self.on_startup(self.ctx)
         control: Control = self.ctx["control"]
         self._wake = control.wake
+        backoff = self.poll_delay_s
         while True:
             self._wake.clear()
-            await self._poll_iteration()
+            try:
+                await self._poll_iteration()
+                backoff = self.poll_delay_s
+            except (RedisError, OSError) as exc:
+                # arq would let this end the worker; ride out a Redis outage instead.
+                logger.warning("queue poll failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
 
@@ -87,8 +99,12 @@ def create_worker(settings: Settings, concurrency: int | None = None) -> TokenRe
         ctx["providers"] = build_providers(settings)
         ctx["control"] = Control(ctx["tr_redis"])
         ctx["control"].start()
+        ctx["lease"] = Lease(ctx["tr_redis"], ctx["redis"], settings.max_attempts,
+                             settings.retention_s)
+        ctx["lease"].start()
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
+        await ctx["lease"].stop()
         await ctx["control"].stop()
         await ctx["providers"].aclose()
         await ctx["tr_redis"].aclose()
@@ -111,6 +127,9 @@ def create_worker(settings: Settings, concurrency: int | None = None) -> TokenRe
         keep_result=60,
         health_check_interval=15,
         handle_signals=True,
+        # On SIGTERM: stop taking jobs, let running generations finish for this long,
+        # then cancel them; each cancelled one is handed over (see jobs.generate).
+        job_completion_wait=int(settings.worker_grace_s),
     )
 
 

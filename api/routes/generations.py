@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from sse_starlette import EventSourceResponse
 
 from api import generations
 from api.deps import GenerationId, Reader, State, Tenant
 from api.schemas import GenerationCreate, GenerationCreated, GenerationStatus
+from api.sse import EventStreamResponse
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
@@ -34,10 +34,13 @@ async def create_generation(
     state: State,
     tenant: Tenant,
     idempotency_key: Annotated[str | None, Header()] = None,
-) -> GenerationCreated | EventSourceResponse:
+) -> GenerationCreated | EventStreamResponse:
     """Queue a generation. With `Accept: text/event-stream`, answer with its event stream."""
+    wants_stream = "text/event-stream" in request.headers.get("accept", "")
+    if wants_stream:
+        generations.ensure_viewer_capacity(state)
     created = await generations.create(state, tenant, body, idempotency_key)
-    if "text/event-stream" in request.headers.get("accept", ""):
+    if wants_stream:
         return generations.event_stream(state, created.id, None)
     response.headers["Location"] = f"/v1/generations/{created.id}"
     return created
@@ -53,7 +56,7 @@ async def get_generation(gen_id: GenerationId, state: State, who: Reader) -> Gen
 @router.get(
     "/{gen_id}/events",
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
-    response_class=EventSourceResponse,
+    response_class=EventStreamResponse,
 )
 async def stream_events(
     gen_id: GenerationId,
@@ -61,10 +64,11 @@ async def stream_events(
     who: Reader,
     after: Annotated[str | None, Query(description="resume after this event id")] = None,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> EventSourceResponse:
+) -> EventStreamResponse:
     """Replay every event after `Last-Event-ID` (or `?after=`), follow live, end after the last."""
     resume_after = generations.parse_after(last_event_id, after)
     await generations.load(state, who, gen_id)
+    generations.ensure_viewer_capacity(state)
     return generations.event_stream(state, gen_id, resume_after)
 
 

@@ -43,11 +43,11 @@ async def test_stale_attempt_is_fenced(client: Redis) -> None:
     """Once attempt 2 starts, attempt 1 can neither append nor finish; the restart is announced."""
     gen_id = await _new(client)
     assert (await streams.start(client, gen_id, 1))[0]
-    assert await streams.append_delta(client, gen_id, 1, {"content": "old"})
+    assert await streams.append_delta(client, gen_id, 1, {"content": "old"}, 1)
     assert (await streams.start(client, gen_id, 2))[0]
-    assert not await streams.append_delta(client, gen_id, 1, {"content": "stale"})
+    assert not await streams.append_delta(client, gen_id, 1, {"content": "stale"}, 2)
     assert not await streams.finish(client, gen_id, 1, ev.DONE, {}, 60)
-    assert await streams.append_delta(client, gen_id, 2, {"content": "new"})
+    assert await streams.append_delta(client, gen_id, 2, {"content": "new"}, 1)
     meta, content = await streams.read_status(client, gen_id)  # type: ignore[misc]
     assert content == "new"
     entries = await streams.read_after(client, gen_id, None)
@@ -64,7 +64,7 @@ async def test_exactly_one_terminal_event(client: Redis) -> None:
                                 {"finish_reason": "stop"})
     assert not await streams.finish(client, gen_id, 1, ev.ERROR, {}, 60)
     assert not await streams.finish(client, gen_id, None, ev.CANCELLED, {}, 60)
-    assert not await streams.append_delta(client, gen_id, 1, {"content": "late"})
+    assert not await streams.append_delta(client, gen_id, 1, {"content": "late"}, 1)
     assert (await _types(client, gen_id)).count("done") == 1
     assert await _types(client, gen_id) == ["status", "status", "done"]
     assert 0 < await client.ttl(keys.events(gen_id)) <= 60
@@ -92,9 +92,21 @@ async def test_read_after_is_exclusive(client: Redis) -> None:
     """read_after returns the entries strictly after the given id."""
     gen_id = await _new(client)
     await streams.start(client, gen_id, 1)
-    for word in ("a", "b", "c"):
-        await streams.append_delta(client, gen_id, 1, {"content": word})
+    for seq, word in enumerate(("a", "b", "c"), start=1):
+        await streams.append_delta(client, gen_id, 1, {"content": word}, seq)
     entries = await streams.read_after(client, gen_id, None)
     second = entries[1][0].decode()
     rest = await streams.read_after(client, gen_id, second)
     assert [e[0] for e in rest] == [e[0] for e in entries[2:]]
+
+
+async def test_retried_append_is_not_duplicated(client: Redis) -> None:
+    """Re-sending a delta with the same sequence number (a lost reply) appends it once."""
+    gen_id = await _new(client)
+    await streams.start(client, gen_id, 1)
+    assert await streams.append_delta(client, gen_id, 1, {"content": "a"}, 1)
+    assert await streams.append_delta(client, gen_id, 1, {"content": "a"}, 1)
+    assert await streams.append_delta(client, gen_id, 1, {"content": "b"}, 2)
+    _, content = await streams.read_status(client, gen_id)  # type: ignore[misc]
+    assert content == "ab"
+    assert await _types(client, gen_id) == ["status", "status", "delta", "delta"]

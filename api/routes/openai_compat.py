@@ -1,0 +1,135 @@
+"""OpenAI-compatible routes: POST /v1/chat/completions and GET /v1/models.
+
+A chat completion is an ordinary generation (same queue, same stream), so it
+keeps going if the client drops, and its ``X-Generation-Id`` and the ``id:``
+lines of its chunks let a client resume or share it through the native API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from api import generations, openai_request
+from api.deps import AppState, State, Tenant
+from api.openai_errors import OpenAIError
+from api.openai_response import HEARTBEAT, ChunkStream, Completion, events_of, with_heartbeat
+from api.streaming import viewer_frames
+from shared.events import Event
+from shared.models import check_model, listed_models
+
+router = APIRouter(prefix="/v1", tags=["openai-compatible"])
+
+_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {
+            "type": "object",
+            "description": "An OpenAI Chat Completions request (model, messages, stream, "
+                           "stream_options, max_tokens | max_completion_tokens, temperature, "
+                           "tools, tool_choice, metadata).",
+        }}},
+    }
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Bad request (OpenAI error shape)"},
+    401: {"description": "No or bad API key"},
+    404: {"description": "Unknown model"},
+    409: {"description": "Non-stream: the generation was cancelled"},
+    502: {"description": "Non-stream: the generation failed upstream"},
+}
+# Clients disconnected while waiting for a non-stream answer get this (nobody reads it).
+CLIENT_CLOSED = 499
+
+
+@router.post("/chat/completions", openapi_extra=_REQUEST_BODY, responses=_ERRORS)
+async def chat_completions(
+    request: Request,
+    state: State,
+    tenant: Tenant,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Response:
+    """OpenAI Chat Completions over tokenrelay: `stream: true` for chunks, else one completion."""
+    body = openai_request.parse(await request.body())
+    native = openai_request.to_generation(body, state.settings)
+    created = await generations.create(state, tenant, native, idempotency_key)
+    headers = {"X-Generation-Id": created.id}
+    if body.stream:
+        view = ChunkStream(created.id, body.model, int(created.created_at), body.include_usage)
+        return EventSourceResponse(
+            _chunk_frames(state, created.id, view),
+            headers=headers,
+            ping=0,  # our own heartbeat: see api.openai_response.HEARTBEAT
+            send_timeout=state.settings.send_timeout_s,
+            sep="\n",
+        )
+    completion = Completion(created.id, body.model, int(created.created_at))
+    if not await _wait(state, request, created.id, completion):
+        return Response(status_code=CLIENT_CLOSED)
+    try:
+        return JSONResponse(completion.body(), headers=headers)
+    except OpenAIError as exc:
+        exc.headers.update(headers)
+        raise
+
+
+def _events(
+    state: AppState, gen_id: str
+) -> contextlib.aclosing[AsyncGenerator[Event | None, None]]:
+    """The generation's events from its start, None after each quiet HEARTBEAT_S.
+
+    Closing it (on leaving the ``async with``) leaves the hub at once.
+    """
+    frames = viewer_frames(state.hub, state.redis, gen_id, None)
+    return contextlib.aclosing(with_heartbeat(events_of(frames), state.settings.heartbeat_s))
+
+
+async def _chunk_frames(state: AppState, gen_id: str, view: ChunkStream) -> AsyncIterator[bytes]:
+    async with _events(state, gen_id) as events:
+        async for event in events:
+            if event is None:
+                yield HEARTBEAT
+                continue
+            out = view.frames(event)
+            if out:
+                yield out
+            if view.finished:
+                return
+
+
+async def _wait(state: AppState, request: Request, gen_id: str, completion: Completion) -> bool:
+    """Feed ``completion`` until the terminal event; False if the client left first."""
+    async with _events(state, gen_id) as events:
+        async for event in events:
+            if event is None:
+                if await request.is_disconnected():
+                    return False  # the generation goes on; the client can read it by its id
+                continue
+            if completion.feed(event):
+                return True
+    raise OpenAIError(502, "stream_lost", f"the events of generation {gen_id} are no longer "
+                      "available", type_="server_error")
+
+
+def _model_object(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "tokenrelay"}
+
+
+@router.get("/models", responses=_ERRORS)
+async def list_models(state: State, tenant: Tenant) -> dict[str, Any]:
+    """The models this deployment lists (`openai:NAME` models are served but not listed)."""
+    return {"object": "list", "data": [_model_object(m) for m in listed_models(state.settings)]}
+
+
+@router.get("/models/{model_id:path}", responses=_ERRORS)
+async def retrieve_model(model_id: str, state: State, tenant: Tenant) -> dict[str, Any]:
+    """One model, if this deployment can serve it."""
+    problem = check_model(model_id, state.settings)
+    if problem is not None:
+        raise OpenAIError(404, "model_not_found", problem, param="model")
+    return _model_object(model_id)

@@ -1,0 +1,235 @@
+"""The SSE response: pre-encoded bytes to the socket, heartbeats, send timeout, disconnects.
+
+Why not sse-starlette: it starts four tasks per connection (stream, ping, exit
+signal, disconnect), encodes every event per connection, and holds ~41 KiB per
+idle viewer; at 1,000 viewers of one stream its per-event path was the
+bottleneck. Here a connection is its own ASGI task plus one small task parked on
+``receive()`` (the only way ASGI tells us about a disconnect). Everything timed
+— heartbeats and stalled sends — is checked by one ticker per process over all
+connections (:class:`Connections`), so no timer is armed per event.
+
+    ASGI task:  start ─ retry ─┬─ source.next(conn) ─▶ bytes ─ send ─┐
+                               │   (waits on conn.wake)              │
+                               └──────────────◀──────────────────────┘
+                               None (terminal sent) ─▶ last send, done
+    watcher:    receive() ─▶ http.disconnect ─▶ conn.disconnected, wake
+    ticker:     idle ≥ heartbeat ─▶ ping due, wake;  send > timeout ─▶ cancel task
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Protocol
+
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+PING = b": ping\n\n"
+MEDIA_TYPE = b"text/event-stream; charset=utf-8"
+
+
+class Connection:
+    """One SSE connection as the ticker and the frame source see it."""
+
+    __slots__ = ("task", "wake_future", "last_write", "send_started", "ping_due",
+                 "disconnected", "stalled", "label")
+
+    def __init__(self, task: asyncio.Task[object] | None, now: float, label: str):
+        self.task = task
+        self.wake_future: asyncio.Future[None] | None = None
+        self.last_write = now
+        self.send_started = 0.0  # loop time a send began; 0 when not sending
+        self.ping_due = False
+        self.disconnected = False
+        self.stalled = False
+        self.label = label
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A fresh future that ``wake`` resolves; the frame source parks on it."""
+        future = self.wake_future = asyncio.get_running_loop().create_future()
+        return future
+
+    def wake(self) -> None:
+        future = self.wake_future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    @property
+    def closing(self) -> bool:
+        return self.disconnected or self.stalled
+
+
+class FrameSource(Protocol):
+    async def open(self) -> None:
+        """Register (with the hub) before the headers go out; may raise to fail the request."""
+
+    async def next(self, conn: Connection) -> bytes | None:
+        """Bytes to write (b"" when woken with nothing new), or None after the last frame."""
+
+    async def aclose(self) -> None:
+        """Release what the source holds (hub registration); called exactly once."""
+
+
+class Connections:
+    """All open SSE connections of a process, and the one ticker that times them."""
+
+    def __init__(self, heartbeat_s: float, send_timeout_s: float):
+        self.heartbeat_s = heartbeat_s
+        self.send_timeout_s = send_timeout_s
+        self.tick_s = max(0.02, min(1.0, heartbeat_s / 4, send_timeout_s / 4))
+        self.open: set[Connection] = set()
+        self.stalled_total = 0  # connections closed by the send timeout, for metrics and tests
+        self._task: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._tick(), name="tr-sse-ticker")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def check(self, now: float) -> None:
+        """Mark pings due and cut stalled connections; run by the ticker every ``tick_s``."""
+        for conn in self.open:
+            if conn.send_started:
+                if now - conn.send_started >= self.send_timeout_s and not conn.stalled:
+                    conn.stalled = True
+                    self.stalled_total += 1
+                    logger.warning("closing stalled viewer %s: no write progress for %.1fs",
+                                   conn.label, now - conn.send_started)
+                    if conn.task is not None:
+                        conn.task.cancel()
+            elif now - conn.last_write >= self.heartbeat_s and not conn.ping_due:
+                conn.ping_due = True
+                conn.wake()
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.tick_s)
+            self.check(loop.time())
+
+
+class EventStreamResponse(Response):
+    """A ``text/event-stream`` ASGI response fed by a :class:`FrameSource` of encoded frames.
+
+    ``preamble`` (the ``retry:`` line) is written with the headers. The source's
+    bytes are written as they come, one send per batch; after the source ends the
+    response ends. Headers: ``Cache-Control: no-store`` and ``X-Accel-Buffering:
+    no`` so that proxies neither cache nor buffer the stream.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        source: FrameSource,
+        connections: Connections,
+        *,
+        preamble: bytes,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        label: str = "",
+    ):
+        self.source = source
+        self.connections = connections
+        self.preamble = preamble
+        self.status_code = status_code
+        self.label = label
+        raw = [
+            (b"content-type", MEDIA_TYPE),
+            (b"cache-control", b"no-store"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        raw += [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                for k, v in (headers or {}).items()]
+        self.raw_headers = raw
+        self.background: BackgroundTask | None = None  # FastAPI may attach one
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start: Message = {"type": "http.response.start", "status": self.status_code,
+                          "headers": self.raw_headers}
+        if scope.get("method") == "HEAD":
+            await self.source.aclose()
+            await send(start)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        await self.source.open()  # an error here is still an ordinary error response
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        conn = Connection(task, loop.time(), self.label)
+        watcher = asyncio.create_task(_watch_disconnect(receive, conn), name="tr-sse-watch")
+        self.connections.open.add(conn)
+        try:
+            await _send_timed(send, start, conn, loop)
+            await _send_timed(send, _body(self.preamble), conn, loop)
+            await self._pump(send, conn, loop)
+        except asyncio.CancelledError:
+            # Our own cancel (stalled viewer) or a disconnect seen mid-send: end quietly.
+            # Any other cancellation (server shutdown) propagates.
+            if not conn.closing or task is None:
+                raise
+            task.uncancel()
+        finally:
+            self.connections.open.discard(conn)
+            watcher.cancel()
+            await self.source.aclose()
+        if self.background is not None:
+            await self.background()
+
+    async def _pump(self, send: Send, conn: Connection,
+                    loop: asyncio.AbstractEventLoop) -> None:
+        source = self.source
+        while True:
+            chunk = await source.next(conn)
+            if conn.closing:
+                return
+            if chunk is None:
+                await _send_timed(send, _END, conn, loop)
+                return
+            if chunk:
+                conn.ping_due = False
+                await _send_timed(send, _body(chunk), conn, loop)
+            elif conn.ping_due:
+                conn.ping_due = False
+                await _send_timed(send, _PING_MESSAGE, conn, loop)
+
+
+_END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+_PING_MESSAGE: Message = {"type": "http.response.body", "body": PING, "more_body": True}
+
+
+def _body(chunk: bytes) -> Message:
+    return {"type": "http.response.body", "body": chunk, "more_body": True}
+
+
+async def _send_timed(send: Send, message: Message, conn: Connection,
+                      loop: asyncio.AbstractEventLoop) -> None:
+    """Send, flagged as in progress so that the ticker can cut a send that never returns."""
+    conn.send_started = now = loop.time()
+    await send(message)
+    conn.send_started = 0.0
+    conn.last_write = now
+
+
+async def _watch_disconnect(receive: Receive, conn: Connection) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            conn.disconnected = True
+            conn.wake()
+            return
+

@@ -1,0 +1,236 @@
+"""A load client for SSE: one ``asyncio.Protocol`` per connection, no task, no HTTP library.
+
+Cheap per connection (a few hundred bytes of state and one callback per TCP
+read) so that thousands of viewers in one process measure the server, not the
+client. It speaks just enough HTTP/1.1 for tokenrelay: a request, a response
+head, chunked transfer coding. For every event it records the delivery latency
+(the client's clock minus the millisecond part of the event id, which is when
+Redis appended the event) and the id itself, so that loss and duplicates can be
+counted per viewer against the stream as Redis holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+TERMINAL = frozenset({b"done", b"cancelled", b"error"})
+SEQ_BITS = 20  # an id ms-seq packs into one int: ms << 20 | seq (seq < 1M per ms)
+
+
+def pack_id(raw: bytes | str) -> int:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms) << SEQ_BITS | int(seq)
+
+
+def unpack_id(packed: int) -> str:
+    return f"{packed >> SEQ_BITS}-{packed & ((1 << SEQ_BITS) - 1)}"
+
+
+def request_bytes(
+    method: str, path: str, host: str, headers: dict[str, str] | None = None,
+    body: bytes = b"",
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Accept: text/event-stream"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    if body or method == "POST":
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@dataclass(eq=False)
+class Viewer:
+    """What one connection saw."""
+
+    name: int = 0
+    status: int = 0
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    ids: array = field(default_factory=lambda: array("q"))  # type: ignore[type-arg]
+    types: list[bytes] = field(default_factory=list)
+    pings: int = 0
+    retry_seen: bool = False
+    terminal: bytes | None = None
+    ended: bool = False  # the server closed the chunked body (0-length chunk)
+    error: str | None = None
+    sent_at: float = 0.0  # time.time() when the request was written
+    first_event_at: float = 0.0  # time.time() of the first event of this connection
+    first_event_id: int = 0
+    closed: asyncio.Future[None] | None = None
+    keep_types: bool = False
+
+
+class SSEProtocol(asyncio.Protocol):
+    """One HTTP request and its SSE response; feeds ``Viewer`` and the shared latency array."""
+
+    def __init__(
+        self,
+        viewer: Viewer,
+        request: bytes,
+        latencies: array,  # type: ignore[type-arg]
+        stop_after: int | None = None,
+        on_event: Callable[[Viewer, bytes, bytes, float], None] | None = None,
+    ):
+        self.viewer = viewer
+        self.request = request
+        self.latencies = latencies
+        self.stop_after = stop_after
+        self.on_event = on_event
+        self.transport: asyncio.Transport | None = None
+        self._head = bytearray()
+        self._in_body = False
+        self._raw = bytearray()
+        self._sse_rest = b""
+        self._count = 0
+        loop = asyncio.get_running_loop()
+        viewer.closed = loop.create_future()
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.viewer.sent_at = time.time()
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        closed = self.viewer.closed
+        if closed is not None and not closed.done():
+            closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        now_ms = time.time() * 1000.0
+        if not self._in_body:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self._parse_head(bytes(self._head[:end]))
+            data = bytes(self._head[end + 4 :])
+            self._head = bytearray()
+            self._in_body = True
+            if self.viewer.status != 200:
+                self.viewer.error = f"HTTP {self.viewer.status}: {data[:200]!r}"
+                self.close()
+                return
+        self._dechunk(data, now_ms)
+
+    # parsing
+
+    def _parse_head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        self.viewer.status = int(lines[0].split(b" ", 2)[1])
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            self.viewer.headers[name.strip().lower()] = value.strip()
+
+    def _dechunk(self, data: bytes, now_ms: float) -> None:
+        buf = self._raw
+        buf += data
+        pos = 0
+        size_end = len(buf)
+        while True:
+            nl = buf.find(b"\r\n", pos)
+            if nl < 0:
+                break
+            size = int(buf[pos:nl], 16)
+            end = nl + 2 + size
+            if end + 2 > size_end:
+                break
+            if size == 0:
+                self.viewer.ended = True
+                pos = size_end
+                self.close()
+                break
+            self._frames(bytes(buf[nl + 2 : end]), now_ms)
+            pos = end + 2
+            if self.transport is None or self.transport.is_closing():
+                break
+        del buf[:pos]
+
+    def _frames(self, payload: bytes, now_ms: float) -> None:
+        if self._sse_rest:
+            payload = self._sse_rest + payload
+        frames = payload.split(b"\n\n")
+        self._sse_rest = frames.pop()
+        viewer = self.viewer
+        for frame in frames:
+            if frame.startswith(b"id: "):
+                nl = frame.find(b"\n")
+                eid = frame[4:nl]
+                dash = eid.find(b"-")
+                ms = int(eid[:dash])
+                packed = ms << SEQ_BITS | int(eid[dash + 1 :])
+                type_end = frame.find(b"\n", nl + 1)
+                etype = frame[nl + 8 : type_end]
+                self.latencies.append(now_ms - ms)
+                viewer.ids.append(packed)
+                if viewer.keep_types:
+                    viewer.types.append(etype)
+                if self._count == 0:
+                    viewer.first_event_at = now_ms / 1000.0
+                    viewer.first_event_id = packed
+                self._count += 1
+                if self.on_event is not None:
+                    self.on_event(viewer, etype, frame, now_ms)
+                if etype in TERMINAL:
+                    viewer.terminal = etype
+                if self.stop_after is not None and self._count >= self.stop_after:
+                    self.close()
+                    return
+            elif frame.startswith(b":"):
+                viewer.pings += 1
+            elif frame.startswith(b"retry:"):
+                viewer.retry_seen = True
+            elif frame:
+                viewer.error = f"unexpected frame {frame[:80]!r}"
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+async def open_viewer(
+    host: str,
+    port: int,
+    request: bytes,
+    latencies: array,  # type: ignore[type-arg]
+    viewer: Viewer | None = None,
+    stop_after: int | None = None,
+    on_event: Callable[[Viewer, bytes, bytes, float], None] | None = None,
+) -> tuple[Viewer, SSEProtocol]:
+    viewer = viewer or Viewer()
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_connection(
+        lambda: SSEProtocol(viewer, request, latencies, stop_after, on_event), host, port
+    )
+    return viewer, proto
+
+
+async def open_many(
+    count: int,
+    host: str,
+    port: int,
+    request: Callable[[int], bytes],
+    latencies: array,  # type: ignore[type-arg]
+    parallel: int = 64,
+    stop_after: int | None = None,
+) -> list[tuple[Viewer, SSEProtocol]]:
+    """Open ``count`` connections, at most ``parallel`` connects in flight (no SYN storm)."""
+    out: list[tuple[Viewer, SSEProtocol] | None] = [None] * count
+    next_index = 0
+
+    async def opener() -> None:
+        nonlocal next_index
+        while next_index < count:
+            i = next_index
+            next_index += 1
+            out[i] = await open_viewer(
+                host, port, request(i), latencies, Viewer(name=i), stop_after
+            )
+
+    await asyncio.gather(*(opener() for _ in range(min(parallel, count))))
+    return [pair for pair in out if pair is not None]
