@@ -27,7 +27,8 @@ if not st then return {{0, 'missing'}} end
 if {_TERMINAL_LUA} then return {{0, st}} end
 local prev = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
 if tonumber(ARGV[1]) <= prev then return {{0, 'stale'}} end
-redis.call('HSET', KEYS[1], 'attempt', ARGV[1], 'status', 'running', 'started_at', ARGV[2], 'seq', '0')
+redis.call('HSET', KEYS[1], 'attempt', ARGV[1], 'status', 'running', 'started_at', ARGV[2],
+  'seq', '0')
 redis.call('SET', KEYS[3], '', 'EX', ARGV[3])
 if st == 'running' then
   redis.call('XADD', KEYS[2], '*', 't', 'status', 'd',

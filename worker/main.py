@@ -15,7 +15,6 @@ from typing import Any
 
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
-
 from redis.exceptions import RedisError
 
 from shared.redis import create_redis
