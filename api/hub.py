@@ -25,6 +25,7 @@ import bisect
 import contextlib
 import logging
 import secrets
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -147,6 +148,7 @@ class Hub:
         self._task: asyncio.Task[None] | None = None
         self._reader: Redis | None = None
         self.reads = 0  # XREAD calls, for metrics and tests
+        self.catchup_reads = 0  # XRANGE pages read by viewers behind the channels' memory
 
     @property
     def viewer_count(self) -> int:
@@ -234,7 +236,7 @@ class Hub:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            streams: dict[str | bytes, str] = {key: ch.cursor for key, ch in active.items()}  # type: ignore[misc]
+            streams: dict[Any, Any] = {key: ch.cursor for key, ch in active.items()}
             streams[self._wake_key] = self._wake_cursor
             if self._reader is None:
                 self._reader = create_blocking_redis(self._redis_url, "hub", BLOCK_MS / 1000)

@@ -79,6 +79,7 @@ class Viewer:
     async def _from_redis(self) -> bytes | None:
         """The next page after ``last`` straight from Redis (memory no longer has it)."""
         start = None if self.last is None else ev.format_id(self.last)
+        self.hub.catchup_reads += 1
         entries = await streams.read_after(self.redis, self.gen_id, start, REDIS_PAGE)
         if not entries:
             self.finished = True  # the stream expired under us; nothing more to send

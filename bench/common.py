@@ -112,12 +112,12 @@ def host_port(url: str) -> tuple[str, int]:
     return host, int(port.split("/")[0])
 
 
-async def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll ``predicate`` (sync) until truthy; raise after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+async def wait_until(predicate: Any, within: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``predicate`` (sync) until truthy; raise after ``within`` seconds."""
+    deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise TimeoutError(f"timed out after {within:.0f}s waiting for {what}")
         await asyncio.sleep(interval)
 
 

@@ -76,7 +76,9 @@ def status_of(redis_url: str, gen_id: str) -> str:
         client.close()
 
 
-def account(viewers: list[Viewer], canonical: list[int], skip_first: int = 0) -> tuple[int, int, int]:
+def account(
+    viewers: list[Viewer], canonical: list[int], skip_first: int = 0
+) -> tuple[int, int, int]:
     """(lost, duplicates, incomplete) summed over viewers, against the stream in Redis."""
     expected = set(canonical[skip_first:])
     lost = duplicates = incomplete = 0

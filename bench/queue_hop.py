@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from array import array
 from pathlib import Path
 
