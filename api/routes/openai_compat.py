@@ -58,7 +58,9 @@ async def chat_completions(
     body = openai_request.parse(await request.body())
     native = openai_request.to_generation(body, state.settings)
     created = await generations.create(state, tenant, native, idempotency_key)
-    headers = {"X-Generation-Id": created.id}
+    # The generation's id and read-only stream token, for clients that know tokenrelay:
+    # resume through /v1/generations/{id}/events, share a live view with ?token=.
+    headers = {"X-Generation-Id": created.id, "X-Stream-Token": created.stream_token}
     if body.stream:
         view = ChunkStream(created.id, body.model, int(created.created_at), body.include_usage)
         return EventSourceResponse(
