@@ -61,6 +61,10 @@ def restarted(gen_id: str) -> OpenAIError:
     )
 
 
+def _error_body(exc: OpenAIError) -> dict[str, Any]:
+    return error_body(exc.status, exc.code, exc.message, exc.param, exc.type)
+
+
 def _delta(data: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "content" in data:
@@ -126,10 +130,14 @@ class ChunkStream:
             chunk["usage"] = None  # as OpenAI: null on every chunk but the last
         return chunk
 
+    def fail(self, exc: OpenAIError) -> bytes:
+        """The error frame that ends a stream which cannot go on (storage lost, events expired)."""
+        self.finished = True
+        return f"data: {ev.dumps(_error_body(exc))}\n\n".encode()
+
     def _error(self, event_id: str, exc: OpenAIError) -> bytes:
         self.finished = True
-        return self._frame(event_id, error_body(exc.status, exc.code, exc.message,
-                                                exc.param, exc.type))
+        return self._frame(event_id, _error_body(exc))
 
     @staticmethod
     def _frame(event_id: str, data: dict[str, Any]) -> bytes:

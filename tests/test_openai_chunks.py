@@ -213,3 +213,27 @@ async def test_heartbeat_ticks_while_quiet_and_loses_nothing() -> None:
                 break
     assert seen[-1] == "item" and seen.count("item") == 1 and seen[0] is None
     assert closed.is_set()  # the consumer's exit closed the source
+
+
+@pytest.mark.parametrize(("failure", "code"), [(None, "stream_lost"),
+                                               (ConnectionError("reset"), "redis_unavailable")])
+async def test_a_stream_cut_short_ends_with_an_error_not_silence(
+    monkeypatch: pytest.MonkeyPatch, failure: Exception | None, code: str
+) -> None:
+    """Events that stop without a terminal (expired, Redis lost) end the chat stream with an error."""
+    from types import SimpleNamespace
+
+    from api.routes import openai_compat
+
+    async def frames(*_: object) -> AsyncIterator[bytes]:
+        yield b"retry: 1000\n\n" + encode_event(ev(0, "status", status="queued"))
+        yield encode_event(ev(1, "delta", content="Hel"))
+        if failure is not None:
+            raise failure
+
+    monkeypatch.setattr(openai_compat, "viewer_frames", frames)
+    state = SimpleNamespace(hub=None, redis=None, settings=SimpleNamespace(heartbeat_s=5.0))
+    view = ChunkStream(GEN, "m", 7, include_usage=False)
+    out = b"".join([f async for f in openai_compat._chunk_frames(state, GEN, view)])  # type: ignore[arg-type]
+    *_, last = frames_of(out)
+    assert json.loads(last[1])["error"]["code"] == code and DONE_FRAME not in out

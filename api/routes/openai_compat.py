@@ -8,11 +8,13 @@ lines of its chunks let a client resume or share it through the native API.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 
 from api import generations, openai_request
@@ -22,6 +24,8 @@ from api.openai_response import HEARTBEAT, ChunkStream, Completion, events_of, w
 from api.streaming import viewer_frames
 from shared.events import Event
 from shared.models import check_model, listed_models
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
 
@@ -92,16 +96,24 @@ def _events(
 
 
 async def _chunk_frames(state: AppState, gen_id: str, view: ChunkStream) -> AsyncIterator[bytes]:
-    async with _events(state, gen_id) as events:
-        async for event in events:
-            if event is None:
-                yield HEARTBEAT
-                continue
-            out = view.frames(event)
-            if out:
-                yield out
-            if view.finished:
-                return
+    try:
+        async with _events(state, gen_id) as events:
+            async for event in events:
+                if event is None:
+                    yield HEARTBEAT
+                    continue
+                out = view.frames(event)
+                if out:
+                    yield out
+                if view.finished:
+                    return
+    except (RedisError, OSError) as exc:
+        # Headers are sent: say so in the stream rather than end it as if complete.
+        logger.warning("chat stream lost its storage generation_id=%s: %s", gen_id, exc)
+        yield view.fail(OpenAIError(503, "redis_unavailable", "storage is unavailable; resume "
+                                    f"from /v1/generations/{gen_id}/events", type_="server_error"))
+        return
+    yield view.fail(_stream_lost(gen_id))  # the events expired under us: no terminal event
 
 
 async def _wait(state: AppState, request: Request, gen_id: str, completion: Completion) -> bool:
@@ -114,8 +126,12 @@ async def _wait(state: AppState, request: Request, gen_id: str, completion: Comp
                 continue
             if completion.feed(event):
                 return True
-    raise OpenAIError(502, "stream_lost", f"the events of generation {gen_id} are no longer "
-                      "available", type_="server_error")
+    raise _stream_lost(gen_id)
+
+
+def _stream_lost(gen_id: str) -> OpenAIError:
+    return OpenAIError(502, "stream_lost", f"the events of generation {gen_id} are no longer "
+                       "available", type_="server_error")
 
 
 def _model_object(model_id: str) -> dict[str, Any]:
