@@ -190,6 +190,19 @@ def parse_after(last_event_id: str | None, after: str | None) -> ev.StreamId | N
         raise BadRequest(str(exc), code="invalid_event_id") from exc
 
 
+async def authorize_stream(state: AppState, who: Principal, gen_id: str) -> None:
+    """NotFound unless ``who`` may read the events of ``gen_id``.
+
+    A stream this process already serves is checked against the owner its hub
+    channel loaded with the tail, so the thousandth viewer costs Redis nothing.
+    """
+    owner = state.hub.owner(gen_id)
+    if owner is None:
+        await load(state, who, gen_id)
+    elif not who.may_read(gen_id, owner):
+        raise NotFound("no such generation")
+
+
 def event_stream(
     state: AppState, gen_id: str, after: ev.StreamId | None, status_code: int = 200
 ) -> EventStreamResponse:

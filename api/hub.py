@@ -56,6 +56,7 @@ class Channel:
         self.base = 0  # absolute index of frames[0]
         self.head_complete = True  # False when entries before ids[0] exist only in Redis
         self.cursor: str | None = None  # last entry id read from Redis
+        self.owner: str | None = None  # the tenant, read with the tail (None: meta gone)
         self.viewers = 0
         self.failed: BaseException | None = None
         self.loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -192,9 +193,22 @@ class Hub:
         if channel.viewers <= 0 and self.channels.get(channel.gen_id) is channel:
             del self.channels[channel.gen_id]
 
+    def owner(self, gen_id: str) -> str | None:
+        """The tenant of a stream this process already serves (None if not in memory).
+
+        Lets the route authorise the thousandth viewer of a stream without asking Redis.
+        """
+        channel = self.channels.get(gen_id)
+        if channel is None or not channel.loaded.done() or channel.failed is not None:
+            return None
+        return channel.owner
+
     async def _load(self, channel: Channel) -> None:
         try:
-            entries = await self._redis.xrevrange(channel.key, count=self._max_frames // 2)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xrevrange(channel.key, count=self._max_frames // 2)
+                pipe.hget(keys.meta(channel.gen_id), "tenant")
+                entries, owner = await pipe.execute()
         except (RedisError, OSError) as exc:
             channel.failed = exc
             if self.channels.get(channel.gen_id) is channel:
@@ -202,6 +216,8 @@ class Hub:
             channel.loaded.set_exception(exc)
             channel.notify()
             return
+        if owner is not None:
+            channel.owner = owner.decode() if isinstance(owner, bytes) else str(owner)
         entries.reverse()
         channel.append(entries)
         if len(entries) >= self._max_frames // 2:

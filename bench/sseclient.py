@@ -12,6 +12,7 @@ counted per viewer against the stream as Redis holds it.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from array import array
 from collections.abc import Callable
@@ -201,12 +202,22 @@ async def open_viewer(
     viewer: Viewer | None = None,
     stop_after: int | None = None,
     on_event: Callable[[Viewer, bytes, bytes, float], None] | None = None,
+    rcvbuf: int | None = None,
 ) -> tuple[Viewer, SSEProtocol]:
     viewer = viewer or Viewer()
     loop = asyncio.get_running_loop()
-    _, proto = await loop.create_connection(
-        lambda: SSEProtocol(viewer, request, latencies, stop_after, on_event), host, port
-    )
+
+    def factory() -> SSEProtocol:
+        return SSEProtocol(viewer, request, latencies, stop_after, on_event)
+
+    if rcvbuf is None:
+        _, proto = await loop.create_connection(factory, host, port)
+    else:  # a small receive buffer, set before connecting (a slow or stalled reader)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, port))
+        _, proto = await loop.create_connection(factory, sock=sock)
     return viewer, proto
 
 
@@ -218,6 +229,7 @@ async def open_many(
     latencies: array,  # type: ignore[type-arg]
     parallel: int = 64,
     stop_after: int | None = None,
+    rcvbuf: int | None = None,
 ) -> list[tuple[Viewer, SSEProtocol]]:
     """Open ``count`` connections, at most ``parallel`` connects in flight (no SYN storm)."""
     out: list[tuple[Viewer, SSEProtocol] | None] = [None] * count
@@ -229,7 +241,7 @@ async def open_many(
             i = next_index
             next_index += 1
             out[i] = await open_viewer(
-                host, port, request(i), latencies, Viewer(name=i), stop_after
+                host, port, request(i), latencies, Viewer(name=i), stop_after, rcvbuf=rcvbuf
             )
 
     await asyncio.gather(*(opener() for _ in range(min(parallel, count))))

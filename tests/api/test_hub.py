@@ -51,7 +51,7 @@ async def until(predicate: Callable[[], Any], what: str, within: float = 10.0) -
 
 @contextlib.asynccontextmanager
 async def serve(redis_server: RedisServer, **overrides: Any) -> AsyncIterator[Api]:
-    settings = Settings(redis_url=redis_server.url, api_keys=None, **overrides)
+    settings = Settings(**{"redis_url": redis_server.url, "api_keys": None, **overrides})
     app = create_app(settings)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
@@ -249,3 +249,30 @@ async def test_viewer_behind_the_channel_memory_catches_up_from_redis(
         assert [e.id for e in viewer.events()] == expected
         assert api.hub.catchup_reads > 0  # it did go to Redis for the part memory had dropped
         viewer.close()
+
+
+async def test_viewers_of_a_served_stream_are_authorised_from_memory(
+    redis_server: RedisServer,
+) -> None:
+    """Once a stream is served here, more viewers cost no Redis reads; other tenants get 404."""
+    async with serve(redis_server, api_keys="t1:k1,t2:k2") as api:
+        async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+            created = await client.post("/v1/generations", headers={"Authorization": "Bearer k1"},
+                                        json={"model": "fake:lorem", "prompt": "hub"})
+            gen_id = created.json()["id"]
+            path = f"/v1/generations/{gen_id}/events"
+            async with client.stream("GET", path, headers={"Authorization": "Bearer k1"}) as one:
+                assert one.status_code == 200
+                await until(lambda: api.hub.owner(gen_id) == "t1", "the channel to load")
+                await api.redis.config_resetstat()
+                for _ in range(5):
+                    async with client.stream("GET", path,
+                                             headers={"Authorization": "Bearer k1"}) as more:
+                        assert more.status_code == 200
+                stats = await api.redis.info("commandstats")
+                assert "cmdstat_hgetall" not in stats and "cmdstat_hget" not in stats
+                other = await client.get(path, headers={"Authorization": "Bearer k2"})
+                assert other.status_code == 404
+                token = created.json()["stream_token"]
+                async with client.stream("GET", f"{path}?token={token}") as shared:
+                    assert shared.status_code == 200  # the share link still works
