@@ -95,6 +95,14 @@ class Cli:
         self.out = Drain(readers["stdout"])
         self.err = Drain(readers["stderr"])
 
+    def wait_until(self, predicate: Any, what: str, timeout: float = 20) -> None:
+        """Poll ``predicate(self)``; on timeout, fail showing what the process printed."""
+        try:
+            wait_for(lambda: predicate(self), timeout, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nstdout: {self.out.text[-500:]!r}\n"
+                                 f"stderr: {self.err.text[-2000:]!r}") from None
+
     def type(self, text: str) -> None:
         os.write(self.masters["stdin"], text.encode())
 
@@ -309,7 +317,7 @@ def test_chat_resumes_when_its_api_process_restarts(cli_stack: Stack) -> None:
     cli = Cli("chat", "go", "--model", "fake:lorem", "--max-tokens", "600",
               "--url", cli_stack.url)
     try:
-        wait_for(lambda: len(cli.out.data) >= 40, 20, what="first words from chat")
+        cli.wait_until(lambda c: len(c.out.data) >= 40, "first words from chat")
         port = cli_stack.ports[0]
         cli_stack.apis[0].kill()
         printed_at_kill = cli.out.text
@@ -354,9 +362,9 @@ def test_ctrl_c_then_cancel(cli_stack: Stack) -> None:
     cli = Cli("chat", "go", "--model", "fake:lorem", "--max-tokens", "20000",
               "--url", cli_stack.url, tty=("stdin",))
     try:
-        wait_for(lambda: len(cli.out.data) >= 20, 20, what="first words from chat")
+        cli.wait_until(lambda c: len(c.out.data) >= 20, "first words from chat")
         cli.popen.send_signal(signal.SIGINT)
-        wait_for(lambda: "[c]ancel" in cli.err.text, 10, what="the cancel-or-leave question")
+        cli.wait_until(lambda c: "[c]ancel" in c.err.text, "the cancel-or-leave question")
         cli.type("c\n")
         assert cli.wait() == 130
     finally:
@@ -364,7 +372,7 @@ def test_ctrl_c_then_cancel(cli_stack: Stack) -> None:
     gen_id = gen_id_in(cli.err.text)
     assert f"{gen_id}: cancelled" in cli.err.text
     final = wait_for(lambda: (s := status(cli_stack.url, gen_id))["status"] != "running" and s,
-                     10, what="the generation to end")
+                     20, what="the generation to end")
     assert final["status"] == "cancelled"
 
 
@@ -373,9 +381,9 @@ def test_ctrl_c_then_leave_running_and_watch_again(cli_stack: Stack) -> None:
     cli = Cli("chat", "go", "--model", "fake:lorem", "--max-tokens", "400",
               "--url", cli_stack.url, tty=("stdin",))
     try:
-        wait_for(lambda: len(cli.out.data) >= 20, 20, what="first words from chat")
+        cli.wait_until(lambda c: len(c.out.data) >= 20, "first words from chat")
         cli.popen.send_signal(signal.SIGINT)
-        wait_for(lambda: "[c]ancel" in cli.err.text, 10, what="the cancel-or-leave question")
+        cli.wait_until(lambda c: "[c]ancel" in c.err.text, "the cancel-or-leave question")
         cli.type("l\n")
         assert cli.wait() == 130
     finally:
@@ -395,7 +403,7 @@ def test_ctrl_c_without_a_terminal_leaves_it_running(cli_stack: Stack) -> None:
     cli = Cli("chat", "go", "--model", "fake:lorem", "--max-tokens", "400",
               "--url", cli_stack.url)
     try:
-        wait_for(lambda: len(cli.out.data) >= 20, 20, what="first words from chat")
+        cli.wait_until(lambda c: len(c.out.data) >= 20, "first words from chat")
         cli.popen.send_signal(signal.SIGINT)
         assert cli.wait() == 130
     finally:
@@ -430,7 +438,7 @@ def test_watch_follows_a_running_generation_live(cli_stack: Stack) -> None:
     gen_id = create(cli_stack.url, model="fake:lorem", prompt="x", max_tokens=600)["id"]
     cli = Cli("watch", gen_id, "--url", cli_stack.url)
     try:
-        wait_for(lambda: len(cli.out.data) >= 20, 20, what="first words from watch")
+        cli.wait_until(lambda c: len(c.out.data) >= 20, "first words from watch")
         assert status(cli_stack.url, gen_id)["status"] == "running"
         assert cli.wait() == 0
     finally:
@@ -459,7 +467,7 @@ def test_exit_codes(cli_stack: Stack) -> None:
     gen_id = create(cli_stack.url, model="fake:lorem", prompt="x", max_tokens=20000)["id"]
     watcher = Cli("watch", gen_id, "--url", cli_stack.url)
     try:
-        wait_for(lambda: len(watcher.out.data) >= 20, 20, what="first words from watch")
+        watcher.wait_until(lambda c: len(c.out.data) >= 20, "first words from watch")
         assert httpx.post(f"{cli_stack.url}/v1/generations/{gen_id}/cancel").status_code == 202
         assert watcher.wait() == 3
     finally:
