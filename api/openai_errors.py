@@ -154,6 +154,9 @@ def add_openai_errors(app: FastAPI) -> None:
 
     async def _handler(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, OpenAIError)
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:  # counted like the native errors (api.errors)
+            metrics.errors.labels(exc.code).inc()
         return _render(exc)
 
     app.add_exception_handler(OpenAIError, _handler)

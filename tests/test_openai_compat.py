@@ -117,7 +117,9 @@ async def test_raw_response_carries_the_generation_id(
     assert gen_id.startswith("gen_") and text == status(stack.url, gen_id, AUTH)["content"]
 
 
-def test_bad_request_raises_bad_request_error_with_our_message(client: openai.OpenAI) -> None:
+def test_bad_request_raises_bad_request_error_with_our_message(
+    stack: Stack, client: openai.OpenAI
+) -> None:
     """A bad request is openai.BadRequestError, with our message and the parameter named."""
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="fake:echo", messages=user("x"), max_tokens=0)
@@ -128,6 +130,9 @@ def test_bad_request_raises_bad_request_error_with_our_message(client: openai.Op
         client.chat.completions.create(model="fake:echo", messages=user("x"), top_p=0.5)
     assert info.value.code == "unsupported_parameter" and info.value.param == "top_p"
     assert "tokenrelay does not support the 'top_p' parameter" in info.value.message
+    # Counted like any error answer.
+    metrics = httpx.get(f"{stack.url}/metrics", timeout=10).text
+    assert 'tokenrelay_http_errors_total{code="unsupported_parameter"}' in metrics
 
 
 def test_unknown_model_raises_not_found_error(client: openai.OpenAI) -> None:
