@@ -193,13 +193,12 @@ def parse_after(last_event_id: str | None, after: str | None) -> ev.StreamId | N
 async def authorize_stream(state: AppState, who: Principal, gen_id: str) -> None:
     """NotFound unless ``who`` may read the events of ``gen_id``.
 
-    A stream this process already serves is checked against the owner its hub
-    channel loaded with the tail, so the thousandth viewer costs Redis nothing.
+    The owner comes from the hub, which reads it once with the stream's tail and
+    keeps it while the stream has viewers here: the thousandth viewer costs Redis
+    nothing.
     """
-    owner = state.hub.owner(gen_id)
-    if owner is None:
-        await load(state, who, gen_id)
-    elif not who.may_read(gen_id, owner):
+    owner = await state.hub.owner(gen_id)
+    if owner is None or not who.may_read(gen_id, owner):
         raise NotFound("no such generation")
 
 

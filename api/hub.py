@@ -193,14 +193,15 @@ class Hub:
         if channel.viewers <= 0 and self.channels.get(channel.gen_id) is channel:
             del self.channels[channel.gen_id]
 
-    def owner(self, gen_id: str) -> str | None:
-        """The tenant of a stream this process already serves (None if not in memory).
+    async def owner(self, gen_id: str) -> str | None:
+        """The tenant of ``gen_id`` (None if unknown), from the channel that holds its tail.
 
-        Lets the route authorise the thousandth viewer of a stream without asking Redis.
+        A stream this process serves answers from memory; otherwise the channel's
+        load (one round trip) answers, shared by every viewer asking meanwhile. So
+        the thousandth viewer of a stream is authorised without asking Redis.
         """
-        channel = self.channels.get(gen_id)
-        if channel is None or not channel.loaded.done() or channel.failed is not None:
-            return None
+        channel = await self.join(gen_id)
+        self.leave(channel)
         return channel.owner
 
     async def _load(self, channel: Channel) -> None:

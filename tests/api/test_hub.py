@@ -263,7 +263,7 @@ async def test_viewers_of_a_served_stream_are_authorised_from_memory(
             path = f"/v1/generations/{gen_id}/events"
             async with client.stream("GET", path, headers={"Authorization": "Bearer k1"}) as one:
                 assert one.status_code == 200
-                await until(lambda: api.hub.owner(gen_id) == "t1", "the channel to load")
+                await until(lambda: api.hub.viewer_count == 1, "the registration")
                 await api.redis.config_resetstat()
                 for _ in range(5):
                     async with client.stream("GET", path,
@@ -273,6 +273,10 @@ async def test_viewers_of_a_served_stream_are_authorised_from_memory(
                 assert "cmdstat_hgetall" not in stats and "cmdstat_hget" not in stats
                 other = await client.get(path, headers={"Authorization": "Bearer k2"})
                 assert other.status_code == 404
+                unknown = await client.get(f"/v1/generations/gen_{'0' * 32}/events",
+                                           headers={"Authorization": "Bearer k1"})
+                assert unknown.status_code == 404
+                assert list(api.hub.channels) == [gen_id]  # nothing left behind by the 404s
                 token = created.json()["stream_token"]
                 async with client.stream("GET", f"{path}?token={token}") as shared:
                     assert shared.status_code == 200  # the share link still works
