@@ -41,7 +41,8 @@ def error_response(
 def _describe(errors: list[dict[str, object]]) -> str:
     parts = []
     for err in errors[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")  # type: ignore[union-attr]
+        path: tuple[object, ...] = tuple(err.get("loc", ()))  # type: ignore[arg-type]
+        loc = ".".join(str(p) for p in path if p != "body")
         parts.append(f"{loc or 'body'}: {err.get('msg')}")
     return "; ".join(parts)
 

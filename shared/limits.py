@@ -7,6 +7,7 @@ import time
 from redis.asyncio import Redis
 
 from shared import keys
+from shared.redis import awaited
 
 # Admit a generation if the tenant has fewer than ARGV[1] active ones. Entries
 # carry a give-up time as score, so one whose release was missed (a lost
@@ -24,10 +25,10 @@ return 1
 async def admit(redis: Redis, tenant: str, gen_id: str, limit: int, hold_s: float) -> bool:
     """Count ``gen_id`` against the tenant's concurrency limit; False if over it."""
     now = time.time()
-    admitted = await redis.eval(  # type: ignore[misc]
-        _ADMIT, 1, keys.tenant_active(tenant), limit, now, now + hold_s, gen_id,
-        int(hold_s) + 60,
-    )
+    admitted = await awaited(redis.eval(
+        _ADMIT, 1, keys.tenant_active(tenant), str(limit), str(now), str(now + hold_s), gen_id,
+        str(int(hold_s) + 60),
+    ))
     return bool(admitted)
 
 
@@ -37,7 +38,7 @@ async def release(redis: Redis, tenant: str, gen_id: str) -> None:
 
 async def release_generation(redis: Redis, gen_id: str) -> None:
     """Release an ended generation's slot, looking its tenant up."""
-    tenant = await redis.hget(keys.meta(gen_id), "tenant")
+    tenant = await awaited(redis.hget(keys.meta(gen_id), "tenant"))
     if tenant is not None:
         await release(redis, tenant.decode() if isinstance(tenant, bytes) else str(tenant), gen_id)
 

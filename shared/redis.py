@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Awaitable
+from typing import TypeVar
+
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+T = TypeVar("T")
 
 
 def create_redis(url: str, process_name: str, *, max_connections: int = 200) -> Redis:
@@ -39,3 +45,12 @@ def create_blocking_redis(url: str, process_name: str, block_s: float) -> Redis:
         single_connection_client=True,
     )
     return client
+
+
+async def awaited(result: Awaitable[T] | T) -> T:
+    """Await a redis-py asyncio command result.
+
+    redis-py types its commands as ``Awaitable[T] | T`` (one signature for the sync
+    and asyncio clients); on the asyncio client they are always awaitable.
+    """
+    return await result if inspect.isawaitable(result) else result

@@ -11,6 +11,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from shared import keys
+from shared.redis import awaited
 
 BUCKETS: dict[str, tuple[float, ...]] = {
     "queue_wait_seconds": (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
@@ -51,5 +52,5 @@ async def record(
 
 
 async def snapshot(redis: Redis) -> dict[str, float]:
-    raw = await redis.hgetall(keys.STATS)
+    raw = await awaited(redis.hgetall(keys.STATS))
     return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}

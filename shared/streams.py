@@ -17,6 +17,7 @@ from redis.exceptions import NoScriptError
 
 from shared import events as ev
 from shared import keys
+from shared.redis import awaited
 
 _TERMINAL_LUA = "st == 'completed' or st == 'failed' or st == 'cancelled'"
 
@@ -94,11 +95,11 @@ async def _run(redis: Redis, script: str, keys_: list[str], *args: Any) -> Any:
     sha = _SHAS.get(script)
     if sha is not None:
         try:
-            return await redis.evalsha(sha, len(keys_), *keys_, *args)
+            return await awaited(redis.evalsha(sha, len(keys_), *keys_, *args))
         except NoScriptError:
             pass
-    sha = _SHAS[script] = _text(await redis.script_load(script))
-    return await redis.evalsha(sha, len(keys_), *keys_, *args)
+    sha = _SHAS[script] = _text(await awaited(redis.script_load(script)))
+    return await awaited(redis.evalsha(sha, len(keys_), *keys_, *args))
 
 
 def now() -> float:
@@ -139,7 +140,8 @@ async def create(
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(keys.meta(gen.id), mapping=mapping)
         pipe.expire(keys.meta(gen.id), keys.PENDING_TTL_S)
-        pipe.xadd(keys.events(gen.id), ev.entry_fields(ev.STATUS, {"status": ev.QUEUED}))
+        first: dict[Any, Any] = ev.entry_fields(ev.STATUS, {"status": ev.QUEUED})
+        pipe.xadd(keys.events(gen.id), first)
         pipe.expire(keys.events(gen.id), keys.PENDING_TTL_S)
         results = await pipe.execute()
     return _text(results[2])

@@ -80,7 +80,7 @@ class Control:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _poll_cancels(self) -> None:
         while True:

@@ -22,6 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared import events as ev
 from shared import keys, limits, stats, streams
 from shared.errors import ProviderError
+from shared.redis import awaited
 from shared.settings import Settings
 from shared.usage import record as count_usage
 from worker.control import Control
@@ -101,9 +102,9 @@ async def _run(ctx: dict[str, Any], gen_id: str, attempt: int, cancel: asyncio.E
         await asyncio.shield(finish_and_count(event_type, data, fields))
         return event_type
 
-    raw_request, created_at, started_at = await redis.hmget(
+    raw_request, created_at, started_at = await awaited(redis.hmget(
         keys.meta(gen_id), ["request", "created_at", "started_at"]
-    )
+    ))
     if raw_request is None:
         return "missing"
     body = json.loads(raw_request)
@@ -153,8 +154,8 @@ async def _run(ctx: dict[str, Any], gen_id: str, attempt: int, cancel: asyncio.E
             await asyncio.gather(pump_task, return_exceptions=True)
 
     if pump_task in done and not pump_task.cancelled():
-        exc = pump_task.exception()
-        if exc is None:
+        failure = pump_task.exception()
+        if failure is None:
             finish = pump_task.result()
             usage = finish.usage or {}
             return await terminal(
@@ -163,14 +164,14 @@ async def _run(ctx: dict[str, Any], gen_id: str, attempt: int, cancel: asyncio.E
                 finish_reason=finish.finish_reason,
                 usage=json.dumps(usage),
             )
-        if isinstance(exc, Fenced):
+        if isinstance(failure, Fenced):
             logger.info("fenced: a newer attempt owns generation_id=%s", gen_id)
             return "fenced"
-        if isinstance(exc, ProviderError):
-            logger.warning("provider error generation_id=%s: %s", gen_id, exc.message)
-            data = _error_data(exc)
+        if isinstance(failure, ProviderError):
+            logger.warning("provider error generation_id=%s: %s", gen_id, failure.message)
+            data = _error_data(failure)
         else:
-            logger.error("generation failed generation_id=%s", gen_id, exc_info=exc)
+            logger.error("generation failed generation_id=%s", gen_id, exc_info=failure)
             data = {"code": "internal_error", "message": "the generation failed", "retryable": True}
         return await terminal(ev.ERROR, data, error=json.dumps(data))
     if cancel_task in done or cancel.is_set():

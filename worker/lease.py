@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from shared import events as ev
 from shared import keys, limits, streams
+from shared.redis import awaited
 from shared.usage import record as count_usage
 
 logger = logging.getLogger(__name__)
@@ -73,13 +74,13 @@ class Lease:
 
     async def hold(self, gen_id: str, attempt: int) -> None:
         """Record that this worker runs ``attempt`` of ``gen_id``."""
-        await self._redis.hset(keys.RUNNING, gen_id, f"{self.worker_id} {attempt}")
+        await awaited(self._redis.hset(keys.RUNNING, gen_id, f"{self.worker_id} {attempt}"))
 
     async def release(self, gen_id: str, attempt: int) -> None:
         """Forget the generation, unless a newer attempt (elsewhere) took it over."""
-        current = await self._redis.hget(keys.RUNNING, gen_id)
+        current = await awaited(self._redis.hget(keys.RUNNING, gen_id))
         if current is not None and _text(current) == f"{self.worker_id} {attempt}":
-            await self._redis.hdel(keys.RUNNING, gen_id)
+            await awaited(self._redis.hdel(keys.RUNNING, gen_id))
 
     async def _renew(self) -> None:
         key = keys.worker_alive(self.worker_id)
@@ -102,7 +103,7 @@ class Lease:
 
     async def reap_once(self) -> int:
         """One pass: restart or end every generation whose worker is gone; returns how many."""
-        running: dict[Any, Any] = await self._redis.hgetall(keys.RUNNING)
+        running: dict[Any, Any] = await awaited(self._redis.hgetall(keys.RUNNING))
         if not running:
             return 0
         entries = [(_text(g), *_text(v).split()) for g, v in running.items()]
@@ -117,11 +118,11 @@ class Lease:
         return lost
 
     async def _recover(self, gen_id: str, worker_id: str, attempt: int) -> int:
-        meta = await self._redis.hmget(keys.meta(gen_id), ["status", "attempt"])
+        meta = await awaited(self._redis.hmget(keys.meta(gen_id), ["status", "attempt"]))
         status, current = _text(meta[0]) if meta[0] else None, meta[1]
         if status is None or status in ev.TERMINAL_STATUSES or _text(current) != str(attempt):
             # Ended, expired, or already taken over: only the bookkeeping is stale.
-            await self._redis.hdel(keys.RUNNING, gen_id)
+            await awaited(self._redis.hdel(keys.RUNNING, gen_id))
             return 0
         if attempt >= self._max_attempts:
             logger.error("worker lost %d times, giving up generation_id=%s", attempt, gen_id)
@@ -131,7 +132,7 @@ class Lease:
                                     self._retention_s, {"error": ev.dumps(data)}):
                 await count_usage(self._redis, gen_id, self._retention_s)
                 await limits.release_generation(self._redis, gen_id)
-            await self._redis.hdel(keys.RUNNING, gen_id)
+            await awaited(self._redis.hdel(keys.RUNNING, gen_id))
         else:
             logger.warning("worker %s lost; restarting generation_id=%s attempt=%d",
                            worker_id, gen_id, attempt + 1)

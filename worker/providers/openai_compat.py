@@ -37,9 +37,9 @@ class OpenAICompatProvider:
         finish_reason: str | None = None
         usage: dict[str, int] | None = None
         try:
-            stream = await self._client.chat.completions.create(
+            stream = await self._client.chat.completions.create(  # type: ignore[call-overload]
                 model=request.model,
-                messages=request.messages,  # type: ignore[arg-type]
+                messages=request.messages,
                 stream=True,
                 stream_options={"include_usage": True},
                 **params,
