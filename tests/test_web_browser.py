@@ -248,3 +248,12 @@ def test_cancel_stops_the_generation(web_stack: Stack, pages: Pages) -> None:
     assert text_on(page) == final["content"]
     assert tokens_on(page) < 1000
     pages.shot(page, "cancelled")
+
+
+def test_share_link_to_an_unknown_generation_says_so(web_stack: Stack, pages: Pages) -> None:
+    """A viewer link to a generation that does not exist (or expired) ends with a clear message,
+    not endless reconnecting."""
+    page = pages.new(f"{web_stack.url}/?view=gen_{'0' * 32}&token=nope")
+    expect(page.locator("#status")).to_have_attribute("data-status", "unavailable")
+    expect(page.locator("#run-error")).to_contain_text("not_found")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "ended")

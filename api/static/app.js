@@ -155,7 +155,7 @@ async function recover(r) {
   try {
     const res = await fetch(`/v1/generations/${encodeURIComponent(r.id)}?token=${encodeURIComponent(r.token)}`);
     if (res.status === 401 || res.status === 404 || res.status === 410) {
-      finish(r, "failed");
+      finish(r, "unavailable"); // expired token, unknown id, or retention over
       showRunError(await errorMessage(res));
       return;
     }
