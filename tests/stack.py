@@ -123,7 +123,7 @@ class Stack:
         self.workers.append(proc)
         return proc
 
-    def wait_ready(self, url: str, timeout: float = 20.0) -> None:
+    def wait_ready(self, url: str, timeout: float = 60.0) -> None:
         def ready() -> bool:
             try:
                 return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
