@@ -7,6 +7,7 @@ Behaviour is chosen by the model name:
 
 - ``slow``: 200 words, one every 50 ms (for cancel tests)
 - ``tools``: a reasoning_content prelude, then two tool calls streamed in fragments
+- ``tools-interleaved``: the same, with the two calls' fragments interleaved (parallel calls)
 - anything else: the words of the last user message, quickly
 """
 
@@ -67,6 +68,21 @@ def tool_call_fragments() -> list[dict[str, Any]]:
     return out
 
 
+def interleaved_tool_call_deltas() -> list[list[dict[str, Any]]]:
+    """The same two calls as parallel tool calls do arrive: calls open in index order, then
+    fragments of both alternate, some chunks carrying one of each (only ``index`` says which
+    call a fragment extends)."""
+    per_call = [[f for f in tool_call_fragments() if f["index"] == i] for i in range(2)]
+    out: list[list[dict[str, Any]]] = []
+    for step in range(max(len(frags) for frags in per_call)):
+        now = [frags[step] for frags in per_call if step < len(frags)]
+        if step % 2:  # odd steps: one chunk with a fragment of each call
+            out.append(now)
+        else:  # even steps: one chunk each, the later call first once both are open
+            out.extend([frag] for frag in (reversed(now) if step else now))
+    return out
+
+
 def build_app(record: Record) -> Starlette:
     async def completions(request: Request) -> StreamingResponse | JSONResponse:
         body = await request.json()
@@ -92,6 +108,12 @@ def build_app(record: Record) -> Starlette:
                         yield _chunk(model, {"reasoning_content": piece})
                     for fragment in tool_call_fragments():
                         yield _chunk(model, {"tool_calls": [fragment]})
+                    finish = "tool_calls"
+                elif model == "tools-interleaved":
+                    for piece in REASONING:
+                        yield _chunk(model, {"reasoning_content": piece})
+                    for group in interleaved_tool_call_deltas():
+                        yield _chunk(model, {"tool_calls": group})
                     finish = "tool_calls"
                 else:
                     users = [m for m in body["messages"] if m.get("role") == "user"]

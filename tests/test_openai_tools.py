@@ -8,15 +8,24 @@ OpenAI-shaped chunks must hand back exactly what the server sent.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from tests.client import collect, create, status
-from tests.fake_upstream import REASONING, TOOL_CALLS, Record, fake_upstream, tool_call_fragments
+from tests.fake_upstream import (
+    REASONING,
+    TOOL_CALLS,
+    Record,
+    fake_upstream,
+    interleaved_tool_call_deltas,
+    tool_call_fragments,
+)
 from tests.stack import Stack
 
 TOOLS = [
@@ -28,6 +37,12 @@ TOOLS = [
 ]
 MESSAGES = [{"role": "user", "content": "weather and time in Paris?"}]
 # What the server's tool calls are once assembled: the OpenAI message shape.
+# The tool_calls of each upstream chunk, by model: one call after the other, or interleaved.
+UPSTREAM_DELTAS = {
+    "tools": [[fragment] for fragment in tool_call_fragments()],
+    "tools-interleaved": interleaved_tool_call_deltas(),
+}
+MODELS = pytest.mark.parametrize("model", sorted(UPSTREAM_DELTAS))
 EXPECTED_CALLS = [
     {"id": c["id"], "type": "function",
      "function": {"name": c["name"], "arguments": c["arguments"]}}
@@ -69,15 +84,16 @@ def assemble(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [calls[i] for i in sorted(calls)]
 
 
+@MODELS
 def test_native_events_carry_the_exact_fragments_and_reasoning(
-    stack: Stack, upstream: tuple[str, Record]
+    stack: Stack, upstream: tuple[str, Record], model: str
 ) -> None:
-    """Native delta events hold the server's tool-call fragments unchanged, and its reasoning."""
-    created = create(stack.url, model="openai:tools", messages=MESSAGES, tools=TOOLS)
+    """Native delta events hold the server's tool-call deltas unchanged, and its reasoning."""
+    created = create(stack.url, model=f"openai:{model}", messages=MESSAGES, tools=TOOLS)
     events = collect(stack.url, created["id"])
     deltas = [e.data for e in events if e.type == "delta"]
+    assert [d["tool_calls"] for d in deltas if "tool_calls" in d] == UPSTREAM_DELTAS[model]
     fragments = [frag for d in deltas for frag in d.get("tool_calls", [])]
-    assert fragments == tool_call_fragments()
     assert assemble(fragments) == EXPECTED_CALLS
     assert "".join(d.get("reasoning", "") for d in deltas) == "".join(REASONING)
     assert events[-1].type == "done" and events[-1].data["finish_reason"] == "tool_calls"
@@ -86,27 +102,37 @@ def test_native_events_carry_the_exact_fragments_and_reasoning(
     assert final["finish_reason"] == "tool_calls" and final["content"] == ""
 
 
-def test_sdk_stream_helper_assembles_exactly_the_server_tool_calls(
-    client: openai.OpenAI,
+@MODELS
+def test_sdk_accumulator_assembles_exactly_the_server_tool_calls(
+    client: openai.OpenAI, model: str
 ) -> None:
     """The SDK's own accumulator rebuilds the server's tool calls and reasoning from our chunks."""
-    with client.chat.completions.stream(
-        model="openai:tools", messages=MESSAGES, tools=TOOLS  # type: ignore[arg-type]
-    ) as stream:
-        fragments = [
-            tc.model_dump(exclude_none=True)
-            for chunk in (e.chunk for e in stream if e.type == "chunk")
-            for choice in chunk.choices
-            for tc in choice.delta.tool_calls or []
-        ]
-        final = stream.get_final_completion()
-    assert fragments == tool_call_fragments()
+    state: ChatCompletionStreamState[None] = ChatCompletionStreamState()
+    deltas = []
+    for chunk in client.chat.completions.create(
+        model=f"openai:{model}", messages=MESSAGES, tools=TOOLS, stream=True  # type: ignore[arg-type]
+    ):
+        state.handle_chunk(chunk)
+        deltas += [[tc.model_dump(exclude_none=True) for tc in choice.delta.tool_calls]
+                   for choice in chunk.choices if choice.delta.tool_calls]
+    assert deltas == UPSTREAM_DELTAS[model]
+    final = state.get_final_completion()
     message = final.choices[0].message
     assert final.choices[0].finish_reason == "tool_calls"
     assert [tc.model_dump(include={"id": True, "type": True,
-                                         "function": {"name", "arguments"}})
+                                   "function": {"name", "arguments"}})
             for tc in message.tool_calls or []] == EXPECTED_CALLS
     assert (message.model_extra or {}).get("reasoning_content") == "".join(REASONING)
+
+
+def test_sdk_stream_helper_parses_strict_tool_arguments(client: openai.OpenAI) -> None:
+    """client.chat.completions.stream() with strict tools: each call done, arguments parsed."""
+    with client.chat.completions.stream(
+        model="openai:tools", messages=MESSAGES, tools=TOOLS  # type: ignore[arg-type]
+    ) as stream:
+        done = [(e.name, e.parsed_arguments) for e in stream
+                if e.type == "tool_calls.function.arguments.done"]
+    assert done == [(c["name"], json.loads(c["arguments"])) for c in TOOL_CALLS]
 
 
 async def test_async_sdk_stream_carries_reasoning_content_deltas(stack: Stack) -> None:
@@ -122,10 +148,11 @@ async def test_async_sdk_stream_carries_reasoning_content_deltas(stack: Stack) -
     assert [p for p in pieces if p] == REASONING
 
 
-def test_sdk_non_stream_returns_the_assembled_tool_calls(client: openai.OpenAI) -> None:
+@MODELS
+def test_sdk_non_stream_returns_the_assembled_tool_calls(client: openai.OpenAI, model: str) -> None:
     """Non-stream: one ChatCompletion with the tool calls assembled, and the reasoning."""
     completion = client.chat.completions.create(
-        model="openai:tools", messages=MESSAGES, tools=TOOLS)  # type: ignore[arg-type]
+        model=f"openai:{model}", messages=MESSAGES, tools=TOOLS)  # type: ignore[arg-type]
     message = completion.choices[0].message
     assert completion.choices[0].finish_reason == "tool_calls"
     assert message.content is None
