@@ -1,4 +1,9 @@
-"""The API's dependencies: app state and the caller's identity, one Annotated alias each."""
+"""The API's dependencies: app state and the caller's identity, one Annotated alias each.
+
+They are ``async def`` although none of them awaits: FastAPI runs a plain
+``def`` dependency in a worker thread, a hop that cost every request (and every
+viewer's reconnect) a thread hand-off each.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ class Principal:
         return self.tenant == owner
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.tr
     return state
 
@@ -59,14 +64,14 @@ def _bearer_tenant(request: Request, state: AppState) -> str | None:
     return state.tenants_by_key.get(key.strip())
 
 
-def get_tenant(request: Request, state: State) -> str:
+async def get_tenant(request: Request, state: State) -> str:
     tenant = _bearer_tenant(request, state)
     if tenant is None:
         raise Unauthorized("missing or invalid API key (Authorization: Bearer KEY)")
     return tenant
 
 
-def get_reader(
+async def get_reader(
     request: Request,
     state: State,
     token: Annotated[str | None, Query(description="read-only stream token")] = None,
@@ -86,7 +91,7 @@ Tenant = Annotated[str, Depends(get_tenant)]
 Reader = Annotated[Principal, Depends(get_reader)]
 
 
-def generation_id(gen_id: str) -> str:
+async def generation_id(gen_id: str) -> str:
     if not is_generation_id(gen_id):
         raise NotFound("no such generation")
     return gen_id

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
+
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
 
 from api.deps import AppState, Principal
 from api.schemas import ErrorInfo, GenerationCreate, GenerationCreated, GenerationStatus
@@ -65,14 +69,29 @@ async def create(
             if earlier is not None:  # a concurrent retry won the key
                 await limits.release(state.redis, tenant, gen.id)
                 return earlier
-        await streams.create(state.redis, gen, metadata=body.metadata)
-        await state.queue.enqueue_job(JOB_NAME, gen.id, _job_id=gen.id)
+        await streams.create(state.redis, gen, metadata=body.metadata,
+                             job=_queued_job(state, gen.id))
     except BaseException:
         await limits.release(state.redis, tenant, gen.id)
         raise
-    await state.redis.publish(keys.WAKE_CHANNEL, gen.id)
     logger.info("created generation_id=%s model=%s tenant=%s", gen.id, gen.model, tenant)
     return _created(state, gen.id, ev.QUEUED, gen.model, gen.created_at)
+
+
+def _queued_job(state: AppState, gen_id: str) -> streams.QueuedJob:
+    """The arq job of a new generation, as ``ArqRedis.enqueue_job`` would write it.
+
+    Written with the generation in one MULTI (see ``streams.create``) instead of
+    enqueue_job's WATCH / EXISTS / MULTI and a separate PUBLISH: four round trips
+    off the queue hop. arq's duplicate check is moot for a fresh random id.
+    """
+    now_ms = int(time.time() * 1000)
+    payload = serialize_job(JOB_NAME, (gen_id,), {}, None, now_ms,
+                            serializer=state.queue.job_serializer)
+    return streams.QueuedJob(
+        queue=state.settings.queue_name, key=job_key_prefix + gen_id, payload=payload,
+        ttl_ms=state.queue.expires_extra_ms, member=gen_id, score=now_ms,
+    )
 
 
 async def _admit(state: AppState, tenant: str, gen_id: str) -> None:
