@@ -67,12 +67,12 @@ async def create(
         if idempotency_key is not None:
             earlier = await _claim_idempotency_key(state, tenant, idempotency_key, gen)
             if earlier is not None:  # a concurrent retry won the key
-                await limits.release(state.redis, tenant, gen.id)
+                await _release(state, tenant, gen.id)
                 return earlier
         await streams.create(state.redis, gen, metadata=body.metadata,
                              job=_queued_job(state, gen.id))
     except BaseException:
-        await limits.release(state.redis, tenant, gen.id)
+        await _release(state, tenant, gen.id)
         raise
     logger.info("created generation_id=%s model=%s tenant=%s", gen.id, gen.model, tenant)
     return _created(state, gen.id, ev.QUEUED, gen.model, gen.created_at)
@@ -97,16 +97,31 @@ def _queued_job(state: AppState, gen_id: str) -> streams.QueuedJob:
 async def _admit(state: AppState, tenant: str, gen_id: str) -> None:
     """Queue depth (503) and the tenant's concurrency (429), both with Retry-After."""
     settings = state.settings
-    if await limits.queue_depth(state.redis, settings.queue_name) >= settings.max_queue_depth:
+    # Atomic, unlike a count then an enqueue: a burst cannot overfill the queue.
+    if not await limits.reserve_queue_slot(
+        state.queue, settings.queue_name, gen_id, settings.max_queue_depth
+    ):
         raise Unavailable("the queue is full; retry shortly", code="overloaded", retry_after=5)
     hold_s = settings.max_generation_s + QUEUE_ALLOWANCE_S
-    if not await limits.admit(
-        state.redis, tenant, gen_id, settings.max_concurrent_per_tenant, hold_s
-    ):
+    try:
+        admitted = await limits.admit(
+            state.redis, tenant, gen_id, settings.max_concurrent_per_tenant, hold_s
+        )
+    except BaseException:
+        await limits.release_queue_slot(state.queue, settings.queue_name, gen_id)
+        raise
+    if not admitted:
+        await limits.release_queue_slot(state.queue, settings.queue_name, gen_id)
         raise TooManyRequests(
             f"at most {settings.max_concurrent_per_tenant} concurrent generations per tenant",
             retry_after=2,
         )
+
+
+async def _release(state: AppState, tenant: str, gen_id: str) -> None:
+    """Undo ``_admit`` for a generation that was not created."""
+    await limits.release(state.redis, tenant, gen_id)
+    await limits.release_queue_slot(state.queue, state.settings.queue_name, gen_id)
 
 
 def _job_request(body: GenerationCreate) -> dict[str, Any]:

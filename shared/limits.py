@@ -43,6 +43,32 @@ async def release_generation(redis: Redis, gen_id: str) -> None:
         await release(redis, tenant.decode() if isinstance(tenant, bytes) else str(tenant), gen_id)
 
 
+# Take a place in the queue if it holds fewer than ARGV[1] jobs, in one step, so a burst
+# of concurrent creates cannot all pass a separate count. The place is the job's own
+# entry, scored in the future so no worker takes it before the job is written (which
+# re-scores it to now); one whose create died is dropped by arq as expired.
+# KEYS: queue ; ARGV: limit gen_id score
+_RESERVE = """
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+return 1
+"""
+# A reservation's job becomes due this long after a create that died before writing it.
+RESERVATION_MS = 60_000
+
+
+async def reserve_queue_slot(queue: Redis, queue_name: str, gen_id: str, limit: int) -> bool:
+    """Hold a place for ``gen_id``'s job (queued or running jobs count); False if full."""
+    score = int(time.time() * 1000) + RESERVATION_MS
+    reserved = await queue.eval(_RESERVE, 1, queue_name, limit, gen_id, score)  # type: ignore[misc]
+    return bool(reserved)
+
+
+async def release_queue_slot(queue: Redis, queue_name: str, gen_id: str) -> None:
+    """Give a reserved place back (the create did not happen)."""
+    await queue.zrem(queue_name, gen_id)
+
+
 async def queue_depth(redis: Redis, queue_name: str) -> int:
     depth: int = await redis.zcard(queue_name)
     return depth
