@@ -24,5 +24,9 @@ def check_model(model: str, settings: Settings) -> str | None:
 
 
 def listed_models(settings: Settings) -> list[str]:
+    """The models /v1/models lists: the fake ones, and the configured ``openai:`` names."""
     models = [f"fake:{name}" for name in FAKE_MODELS]
+    if settings.openai_models and check_model("openai:x", settings) is None:
+        names = (n.strip() for n in settings.openai_models.split(","))
+        models += [f"openai:{name}" for name in names if name]
     return models

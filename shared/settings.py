@@ -14,6 +14,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOKENRELAY_", extra="ignore")
 
     redis_url: str | None = None
+    # The arq queue and the control channels (wake-ups, cancels) on their own Redis:
+    # arq has no Cluster support, so with REDIS_CLUSTER this must be a plain Redis.
+    queue_redis_url: str | None = None
+    redis_cluster: bool = False  # REDIS_URL is a node of a Redis Cluster (streams, status)
     api_keys: str | None = None
     signing_secret: str | None = None
     retention_s: int = Field(86400, gt=0)
@@ -28,6 +32,7 @@ class Settings(BaseSettings):
     fake_ttft_ms: float = Field(200.0, ge=0)
     openai_base_url: str | None = None
     openai_api_key: str | None = None
+    openai_models: str | None = None  # comma-separated names listed by /v1/models
     default_model: str = "fake:echo"
     queue_name: str = "tr:queue"
     worker_concurrency: int = Field(100, gt=0)
@@ -49,6 +54,16 @@ class Settings(BaseSettings):
             if not sep or not tenant or not key:
                 raise ValueError("expected comma-separated tenant:key pairs")
         return value
+
+    @property
+    def queue_url(self) -> str | None:
+        """The queue's Redis: QUEUE_REDIS_URL, else REDIS_URL."""
+        return self.queue_redis_url or self.redis_url
+
+    @property
+    def queue_shares_redis(self) -> bool:
+        """The queue and the streams are one plain Redis (so one MULTI may span both)."""
+        return not self.redis_cluster and self.queue_url == self.redis_url
 
     @property
     def token_ttl_s(self) -> int:

@@ -29,3 +29,13 @@ def test_stream_token_ttl_defaults_to_retention(monkeypatch: pytest.MonkeyPatch)
     """STREAM_TOKEN_TTL_S defaults to RETENTION_S."""
     monkeypatch.setenv("TOKENRELAY_RETENTION_S", "123")
     assert Settings().token_ttl_s == 123
+
+
+def test_models_list_includes_configured_openai_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/v1/models lists the fake models, plus openai:NAME for each configured name."""
+    from shared.models import listed_models
+
+    assert listed_models(Settings()) == ["fake:echo", "fake:lorem", "fake:error"]
+    monkeypatch.setenv("TOKENRELAY_OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("TOKENRELAY_OPENAI_MODELS", "gpt-x, qwen-y")
+    assert listed_models(Settings())[-2:] == ["openai:gpt-x", "openai:qwen-y"]
