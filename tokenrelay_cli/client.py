@@ -384,7 +384,7 @@ def _interrupted(session: Session, outcome: Outcome, ask: bool) -> int:
         err.write("interrupted before the server answered\n")
         return EXIT_INTERRUPTED
     if ask and _isatty(session.stdin):
-        err.write(f"\nCancel generation {outcome.gen_id}, or leave it running? "
+        err.write(f"Cancel generation {outcome.gen_id}, or leave it running? "
                   "[c]ancel / [L]eave: ")
         err.flush()
         try:
