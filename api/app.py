@@ -16,6 +16,7 @@ from api.metrics import Metrics
 from api.middleware import BodyLimit, RequestContext
 from api.openai_errors import add_openai_errors
 from api.routes import generations, health, metrics, openai_compat, usage, web
+from api.streaming import EventsFastPath
 from api.tokens import StreamTokens, load_secret
 from shared.logs import configure as configure_logging
 from shared.redis import create_redis
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(usage.router)
     app.include_router(metrics.router)
     app.state.metrics = Metrics()
+    app.add_middleware(EventsFastPath)  # innermost: SSE viewers skip the router's layers
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=app.state.metrics)
     add_openai_errors(app)  # outermost: OpenAI's error shape on the OpenAI paths

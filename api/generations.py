@@ -11,6 +11,7 @@ from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 
 from api.deps import AppState, Principal
+from api.hub import Channel
 from api.schemas import ErrorInfo, GenerationCreate, GenerationCreated, GenerationStatus
 from api.sse import EventStreamResponse
 from api.streaming import Viewer
@@ -224,24 +225,37 @@ def parse_after(last_event_id: str | None, after: str | None) -> ev.StreamId | N
         raise BadRequest(str(exc), code="invalid_event_id") from exc
 
 
-async def authorize_stream(state: AppState, who: Principal, gen_id: str) -> None:
-    """NotFound unless ``who`` may read the events of ``gen_id``.
+async def open_event_stream(
+    state: AppState, who: Principal, gen_id: str, after: ev.StreamId | None
+) -> EventStreamResponse:
+    """The event stream of ``gen_id`` for ``who``: 404 unless readable, 503 at the viewer limit.
 
-    The owner comes from the hub, which reads it once with the stream's tail and
-    keeps it while the stream has viewers here: the thousandth viewer costs Redis
-    nothing.
+    Authorisation goes through the hub: the channel that loads the stream's tail
+    also loads its owner, and the viewer keeps that registration. A stream this
+    process already serves is authorised from memory: its thousandth viewer costs
+    Redis nothing.
     """
-    owner = await state.hub.owner(gen_id)
-    if owner is None or not who.may_read(gen_id, owner):
-        raise NotFound("no such generation")
+    channel = await state.hub.join(gen_id)
+    try:
+        if channel.owner is None or not who.may_read(gen_id, channel.owner):
+            raise NotFound("no such generation")
+        ensure_viewer_capacity(state)
+    except BaseException:
+        state.hub.leave(channel)
+        raise
+    return event_stream(state, gen_id, after, channel=channel)
 
 
 def event_stream(
-    state: AppState, gen_id: str, after: ev.StreamId | None, status_code: int = 200
+    state: AppState, gen_id: str, after: ev.StreamId | None, status_code: int = 200,
+    channel: Channel | None = None,
 ) -> EventStreamResponse:
-    """The SSE response of one viewer: ``retry:``, replay after ``after``, live, the end."""
+    """The SSE response of one viewer: ``retry:``, replay after ``after``, live, the end.
+
+    ``channel``: the viewer's hub registration, when the caller has joined already.
+    """
     return EventStreamResponse(
-        Viewer(state.hub, state.redis, gen_id, after),
+        Viewer(state.hub, state.redis, gen_id, after, channel),
         state.hub.connections,
         preamble=ev.RETRY_FRAME,
         status_code=status_code,

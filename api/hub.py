@@ -193,17 +193,6 @@ class Hub:
         if channel.viewers <= 0 and self.channels.get(channel.gen_id) is channel:
             del self.channels[channel.gen_id]
 
-    async def owner(self, gen_id: str) -> str | None:
-        """The tenant of ``gen_id`` (None if unknown), from the channel that holds its tail.
-
-        A stream this process serves answers from memory; otherwise the channel's
-        load (one round trip) answers, shared by every viewer asking meanwhile. So
-        the thousandth viewer of a stream is authorised without asking Redis.
-        """
-        channel = await self.join(gen_id)
-        self.leave(channel)
-        return channel.owner
-
     async def _load(self, channel: Channel) -> None:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:

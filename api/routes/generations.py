@@ -67,9 +67,7 @@ async def stream_events(
 ) -> EventStreamResponse:
     """Replay every event after `Last-Event-ID` (or `?after=`), follow live, end after the last."""
     resume_after = generations.parse_after(last_event_id, after)
-    await generations.authorize_stream(state, who, gen_id)
-    generations.ensure_viewer_capacity(state)
-    return generations.event_stream(state, gen_id, resume_after)
+    return await generations.open_event_stream(state, who, gen_id, resume_after)
 
 
 @router.post("/{gen_id}/cancel", status_code=202, responses={**_ERRORS, 409: {}})
