@@ -112,7 +112,8 @@ async def viewer_frames(
     Close it (``aclosing``) to leave the hub at once.
     """
     viewer = Viewer(hub, redis, gen_id, after)
-    conn = Connection(None, asyncio.get_running_loop().time(), f"generation_id={gen_id}")
+    loop = asyncio.get_running_loop()
+    conn = Connection(loop, None, loop.time(), f"generation_id={gen_id}")
     try:
         await viewer.open()
         yield ev.RETRY_FRAME

@@ -129,28 +129,29 @@ class SSEProtocol(asyncio.Protocol):
             self.viewer.headers[name.strip().lower()] = value.strip()
 
     def _dechunk(self, data: bytes, now_ms: float) -> None:
-        buf = self._raw
-        buf += data
+        if self._raw:  # a chunk was split across reads: join (rare), else parse in place
+            data = bytes(self._raw) + data
+            self._raw.clear()
         pos = 0
-        size_end = len(buf)
-        while True:
-            nl = buf.find(b"\r\n", pos)
+        size_end = len(data)
+        while pos < size_end:
+            nl = data.find(b"\r\n", pos)
             if nl < 0:
                 break
-            size = int(buf[pos:nl], 16)
+            size = int(data[pos:nl], 16)
             end = nl + 2 + size
             if end + 2 > size_end:
                 break
             if size == 0:
                 self.viewer.ended = True
-                pos = size_end
                 self.close()
-                break
-            self._frames(bytes(buf[nl + 2 : end]), now_ms)
+                return
+            self._frames(data[nl + 2 : end], now_ms)
             pos = end + 2
             if self.transport is None or self.transport.is_closing():
-                break
-        del buf[:pos]
+                return
+        if pos < size_end:
+            self._raw += data[pos:]
 
     def _frames(self, payload: bytes, now_ms: float) -> None:
         if self._sse_rest:
