@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from arq.connections import RedisSettings, create_pool
 from fastapi import FastAPI
 
+from api.cluster_hub import ClusterHub
 from api.deps import AppState
 from api.errors import add_exception_handlers
 from api.hub import Hub
@@ -33,16 +34,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.redis_url:
             raise RuntimeError("TOKENRELAY_REDIS_URL is not set")
         configure_logging(settings.log_level, settings.log_format)
-        redis = create_redis(settings.redis_url, "api")
-        queue = await create_pool(
-            RedisSettings.from_dsn(settings.redis_url), default_queue_name=settings.queue_name
+        redis = create_redis(settings.redis_url, "api", cluster=settings.redis_cluster)
+        queue = await create_pool(  # the queue and the control channels: never a Cluster
+            RedisSettings.from_dsn(settings.queue_url or settings.redis_url),
+            default_queue_name=settings.queue_name,
         )
         tenants = settings.tenants_by_key()
         if not tenants:
             logger.warning("TOKENRELAY_API_KEYS is unset: authentication is OFF")
         secret = await load_secret(redis, settings.signing_secret)
-        hub = Hub(redis, settings.redis_url, settings.hub_history_frames,
-                  heartbeat_s=settings.heartbeat_s, send_timeout_s=settings.send_timeout_s)
+        hub_type = ClusterHub if settings.redis_cluster else Hub  # a Cluster reads per slot
+        hub = hub_type(redis, settings.redis_url, settings.hub_history_frames,
+                       heartbeat_s=settings.heartbeat_s, send_timeout_s=settings.send_timeout_s)
         hub.start()
         app.state.tr = AppState(
             settings=settings,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -9,6 +10,7 @@ from typing import Any
 
 from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
+from redis.exceptions import RedisError
 
 from api.deps import AppState, Principal
 from api.hub import Channel
@@ -70,8 +72,12 @@ async def create(
             if earlier is not None:  # a concurrent retry won the key
                 await _release(state, tenant, gen.id)
                 return earlier
-        await streams.create(state.redis, gen, metadata=body.metadata,
-                             job=_queued_job(state, gen.id))
+        if settings.queue_shares_redis:
+            await streams.create(state.redis, gen, metadata=body.metadata,
+                                 job=_queued_job(state, gen.id))
+        else:
+            await streams.create(state.redis, gen, metadata=body.metadata)
+            await _enqueue_apart(state, gen.id)
     except BaseException:
         await _release(state, tenant, gen.id)
         raise
@@ -93,6 +99,27 @@ def _queued_job(state: AppState, gen_id: str) -> streams.QueuedJob:
         queue=state.settings.queue_name, key=job_key_prefix + gen_id, payload=payload,
         ttl_ms=state.queue.expires_extra_ms, member=gen_id, score=now_ms,
     )
+
+
+async def _enqueue_apart(state: AppState, gen_id: str) -> None:
+    """Queue a recorded generation on the queue's own Redis (QUEUE_REDIS_URL, or a Cluster).
+
+    If that fails, the generation ends with a retryable error rather than wait forever.
+    """
+    job = _queued_job(state, gen_id)
+    try:
+        async with state.queue.pipeline(transaction=True) as pipe:
+            pipe.psetex(job.key, job.ttl_ms, job.payload)
+            pipe.zadd(job.queue, {job.member: job.score})
+            pipe.publish(keys.WAKE_CHANNEL, gen_id)
+            await pipe.execute()
+    except (RedisError, OSError):
+        data = {"code": "unavailable", "message": "the generation could not be queued",
+                "retryable": True}
+        with contextlib.suppress(RedisError, OSError):
+            await streams.finish(state.redis, gen_id, None, ev.ERROR, data,
+                                 state.settings.retention_s, {"error": ev.dumps(data)})
+        raise
 
 
 async def _admit(state: AppState, tenant: str, gen_id: str) -> None:
@@ -278,7 +305,7 @@ async def cancel(state: AppState, tenant: str, gen_id: str) -> str:
     if outcome == "ended":
         raise Conflict("the generation has already ended", code="already_ended")
     if outcome == "requested":
-        await state.redis.publish(keys.CANCEL_CHANNEL, gen_id)
+        await state.queue.publish(keys.CANCEL_CHANNEL, gen_id)  # workers listen there
     elif outcome == "cancelled":  # was queued: ended here, so its slot is free now
         await limits.release(state.redis, tenant, gen_id)
     logger.info("cancel %s generation_id=%s", outcome, gen_id)

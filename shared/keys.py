@@ -43,6 +43,12 @@ def hub_wake(node_id: str) -> str:
     return f"{PREFIX}:hub:{{{node_id}}}:wake"
 
 
+def hub_slot_wake(tag: str, node_id: str) -> str:
+    """On a Cluster, an API process's wake stream for one slot: ``tag`` (a generation id in
+    that slot) puts it in the slot its XREAD reads, which a multi-key read requires."""
+    return f"{PREFIX}:hub:{{{tag}}}:wake:{node_id}"
+
+
 # Pub/sub channel: published after each enqueue so idle workers poll at once
 # instead of waiting for arq's poll_delay.
 WAKE_CHANNEL = f"{PREFIX}:wake"

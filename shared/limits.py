@@ -60,7 +60,7 @@ RESERVATION_MS = 60_000
 async def reserve_queue_slot(queue: Redis, queue_name: str, gen_id: str, limit: int) -> bool:
     """Hold a place for ``gen_id``'s job (queued or running jobs count); False if full."""
     score = int(time.time() * 1000) + RESERVATION_MS
-    reserved = await queue.eval(_RESERVE, 1, queue_name, limit, gen_id, score)  # type: ignore[misc]
+    reserved = await awaited(queue.eval(_RESERVE, 1, queue_name, str(limit), gen_id, str(score)))
     return bool(reserved)
 
 

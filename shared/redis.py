@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import TypeVar, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -15,8 +15,23 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 T = TypeVar("T")
 
 
-def create_redis(url: str, process_name: str, *, max_connections: int = 200) -> Redis:
-    """A pooled client for ordinary commands: short timeouts, a few retries."""
+def create_redis(url: str, process_name: str, *, max_connections: int = 200,
+                 cluster: bool = False) -> Redis:
+    """A pooled client for ordinary commands: short timeouts, a few retries.
+
+    With ``cluster``, a Redis Cluster client (``url`` names any node). It offers the
+    same command methods tokenrelay uses on its keys (one generation's keys share a
+    slot); it has no pub/sub and no MULTI, which live on the queue's Redis instead.
+    """
+    if cluster:
+        return cast(Redis, RedisCluster.from_url(
+            url,
+            client_name=f"tokenrelay-{process_name}",
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), 3),
+            max_connections=max_connections,
+        ))
     client: Redis = Redis.from_url(
         url,
         client_name=f"tokenrelay-{process_name}",

@@ -21,6 +21,15 @@ from shared.redis import awaited
 
 _TERMINAL_LUA = "st == 'completed' or st == 'failed' or st == 'cancelled'"
 
+# KEYS: meta events ; ARGV: ttl first_type first_data [field value ...]
+_CREATE = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+local id = redis.call('XADD', KEYS[2], '*', 't', ARGV[2], 'd', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return id
+"""
+
 # KEYS: meta events content ; ARGV: attempt now ttl
 _START = f"""
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -160,10 +169,18 @@ async def create(
     }
     if metadata:
         mapping["metadata"] = json.dumps(metadata)
+    first_event = ev.entry_fields(ev.STATUS, {"status": ev.QUEUED})
+    if job is None:
+        # One script on the generation's slot: atomic on a plain Redis and on a Cluster,
+        # whose client has no MULTI. The job then goes to the queue's own Redis.
+        fields = [item for pair in mapping.items() for item in pair]
+        created = await _run(redis, _CREATE, _gen_keys(gen.id)[:2], keys.PENDING_TTL_S,
+                             first_event["t"], first_event["d"], *fields)
+        return _text(created)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(keys.meta(gen.id), mapping=mapping)
         pipe.expire(keys.meta(gen.id), keys.PENDING_TTL_S)
-        first: dict[Any, Any] = ev.entry_fields(ev.STATUS, {"status": ev.QUEUED})
+        first: dict[Any, Any] = first_event
         pipe.xadd(keys.events(gen.id), first)
         pipe.expire(keys.events(gen.id), keys.PENDING_TTL_S)
         if job is not None:

@@ -23,8 +23,9 @@ CANCEL_POLL_S = 1.0
 
 
 class Control:
-    def __init__(self, redis: Redis):
-        self._redis = redis
+    def __init__(self, redis: Redis, channels: Redis | None = None):
+        self._redis = redis  # cancel flags, next to the generations' streams
+        self._channels = channels or redis  # pub/sub: the queue's Redis (never a Cluster)
         self.wake = asyncio.Event()
         self._cancels: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -59,7 +60,7 @@ class Control:
     async def _listen(self) -> None:
         backoff = 0.1
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._channels.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(keys.WAKE_CHANNEL, keys.CANCEL_CHANNEL)
                 backoff = 0.1

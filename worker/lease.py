@@ -43,7 +43,7 @@ def job_id(gen_id: str, attempt: int) -> str:
 async def enqueue_attempt(queue: ArqRedis, redis: Redis, gen_id: str, attempt: int) -> None:
     """Queue ``attempt`` of a generation and wake the workers."""
     await queue.enqueue_job(JOB_NAME, gen_id, attempt, _job_id=job_id(gen_id, attempt))
-    await redis.publish(keys.WAKE_CHANNEL, gen_id)
+    await queue.publish(keys.WAKE_CHANNEL, gen_id)  # workers listen on the queue's Redis
 
 
 class Lease:

@@ -94,9 +94,10 @@ def create_worker(settings: Settings, concurrency: int | None = None) -> TokenRe
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["settings"] = settings
-        ctx["tr_redis"] = create_redis(redis_url, "worker")
+        ctx["tr_redis"] = create_redis(redis_url, "worker", cluster=settings.redis_cluster)
         ctx["providers"] = build_providers(settings)
-        ctx["control"] = Control(ctx["tr_redis"])
+        # Wake-ups and cancels arrive on the queue's Redis (pub/sub); flags live with the streams.
+        ctx["control"] = Control(ctx["tr_redis"], channels=ctx["redis"])
         ctx["control"].start()
         ctx["lease"] = Lease(ctx["tr_redis"], ctx["redis"], settings.max_attempts,
                              settings.retention_s)
@@ -118,7 +119,7 @@ def create_worker(settings: Settings, concurrency: int | None = None) -> TokenRe
             )
         ],
         queue_name=settings.queue_name,
-        redis_settings=RedisSettings.from_dsn(redis_url),
+        redis_settings=RedisSettings.from_dsn(settings.queue_url or redis_url),
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         max_jobs=concurrency or settings.worker_concurrency,

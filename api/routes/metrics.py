@@ -18,5 +18,5 @@ async def metrics(request: Request, state: State) -> Response:
     registry: Metrics = request.app.state.metrics
     registry.observe_hub(state.hub)
     snapshot = await stats.snapshot(state.redis)
-    snapshot["queue_depth"] = await limits.queue_depth(state.redis, state.settings.queue_name)
+    snapshot["queue_depth"] = await limits.queue_depth(state.queue, state.settings.queue_name)
     return Response(registry.render(snapshot), media_type=CONTENT_TYPE)
