@@ -64,8 +64,11 @@ async def generate(ctx: dict[str, Any], gen_id: str, attempt: int = 1) -> str:
                 await limits.release_generation(redis, gen_id)
             return why
         logger.info("started generation_id=%s attempt=%d", gen_id, attempt)
-        await lease.hold(gen_id, attempt)
-        if await redis.exists(keys.cancel(gen_id)):
+        # Side by side: one round trip of latency before the first token, not two.
+        _, cancel_requested = await asyncio.gather(
+            lease.hold(gen_id, attempt), redis.exists(keys.cancel(gen_id))
+        )
+        if cancel_requested:
             cancel_event.set()
         try:
             outcome = await _run(ctx, gen_id, attempt, cancel_event)
