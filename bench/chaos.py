@@ -85,6 +85,10 @@ class Report:
     creates_refused: int = 0
     connect_p50_s: float = 0.0  # from opening a viewer's connection to its response headers
     connect_p99_s: float = 0.0
+    # Age of each event when the viewer's client handled it (arrival minus the id's time):
+    # large values mean the viewer was away (a drop, a fault) or the client fell behind.
+    age_p50_s: float = 0.0
+    age_p99_s: float = 0.0
     load_avg: list[float] = field(default_factory=list)  # the machine's 1-min load, start and end
     faults: dict[str, dict[str, Any]] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -114,6 +118,7 @@ class Report:
             f"duplicated: {self.duplicated}; viewers out of order: {self.reordered_viewers}",
             f"resumes: {self.drops} random drops, {self.failed_connections} failed or refused "
             f"connections retried; creates refused and retried: {self.creates_refused}",
+            f"event age at the viewer: p50 {self.age_p50_s:.3f} s, p99 {self.age_p99_s:.2f} s; "
             f"connection to response headers: p50 {self.connect_p50_s:.2f} s, p99 "
             f"{self.connect_p99_s:.2f} s; machine load average (1 min) at start and end: "
             f"{', '.join(f'{x:.1f}' for x in self.load_avg)} on {os.cpu_count()} cores",
@@ -322,7 +327,12 @@ class Chaos:
 
     async def _restart_redis(self) -> None:
         at = time.time()
-        running = [g for g, log in self._live_generations()]
+        # The generations workers are running now (a lagging viewer's view would be stale).
+        client = redis_sync.Redis.from_url(self.server.url)
+        try:
+            running = [g.decode() for g in client.hkeys(keys.RUNNING)]
+        finally:
+            client.close()
         await asyncio.to_thread(self.server._terminate)
         await asyncio.sleep(self.config.redis_down_s)  # the outage itself
         await asyncio.to_thread(self.server.start)
@@ -333,16 +343,6 @@ class Chaos:
         self.faults["redis_restart"] = {"at_s": at - self.t0, "down_s": up - at,
                                         "ready_s": time.time() - up, "running": running,
                                         "up_at": up}
-
-    def _live_generations(self) -> list[tuple[str, ViewerLog]]:
-        """Generations that have started and not ended, as their viewers see them."""
-        live: dict[str, ViewerLog] = {}
-        for log in self.logs:
-            gen_id = self.gen_ids[log.gen]
-            if gen_id and log.events and not log.events[-1].terminal and any(
-                    e.type == "delta" for e in log.events):
-                live.setdefault(gen_id, log)
-        return list(live.items())
 
     async def _until(self, predicate: Any, within_s: float = 60.0) -> None:
         deadline = time.monotonic() + within_s
@@ -375,9 +375,12 @@ class Chaos:
                     report.restarted_generations += 1
         finally:
             client.close()
+        ages: list[float] = []
         for log in self.logs:
             gen_id = self.gen_ids[log.gen]
             assert gen_id is not None
+            ages += [t - parse_id(e.id)[0] / 1000 for e, t in zip(log.events, log.arrivals,
+                                                                  strict=True)]
             canonical = [e.id for e in streams[gen_id]]
             got = [e.id for e in log.events]
             report.viewers += 1
@@ -391,6 +394,10 @@ class Chaos:
             report.viewers_text_equal += text_of(log.events) == contents[gen_id]
             report.drops += log.drops
             report.failed_connections += log.failures
+        ages.sort()
+        if ages:
+            report.age_p50_s = ages[len(ages) // 2]
+            report.age_p99_s = ages[min(len(ages) - 1, int(len(ages) * 0.99))]
         self._recovery(report, streams)
         return report
 
