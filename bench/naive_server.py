@@ -60,13 +60,15 @@ def create_app(redis_url: str) -> FastAPI:
             meta, _ = await pipe.execute()
         if not meta:
             raise HTTPException(404)
-        return EventSourceResponse(_follow(redis, gen_id), ping=15, send_timeout=30, sep="\n")
+        return EventSourceResponse(_follow(redis, gen_id), ping=15, send_timeout=30, sep="\n",
+                                   ping_message_factory=lambda: ServerSentEvent(comment="ping",
+                                                                                sep="\n"))
 
     return app
 
 
 async def _follow(redis: Redis, gen_id: str) -> AsyncIterator[ServerSentEvent]:
-    yield ServerSentEvent(retry=1000)
+    yield ServerSentEvent(retry=1000, sep="\n")
     key = keys.events(gen_id)
     last = "0-0"
     while True:
@@ -75,7 +77,8 @@ async def _follow(redis: Redis, gen_id: str) -> AsyncIterator[ServerSentEvent]:
             for entry_id, fields in entries:
                 event = ev.decode_entry(entry_id, fields)
                 last = event.id
-                yield ServerSentEvent(id=event.id, event=event.type, data=ev.dumps(event.data))
+                yield ServerSentEvent(id=event.id, event=event.type, data=ev.dumps(event.data),
+                                      sep="\n")
                 if event.terminal:
                     return
 
