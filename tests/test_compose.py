@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,8 @@ import pytest
 import yaml
 from httpx_sse import connect_sse
 
-from tests.client import create, status
-from tests.stack import ROOT, Stack
+from tests.client import collect, create, status, text_of
+from tests.stack import ROOT, Stack, wait_for
 from tokenrelay_cli.redis_server import free_port
 
 COMPOSE = ROOT / "compose.yaml"
@@ -169,6 +170,28 @@ def test_nginx_passes_events_while_the_generation_runs(proxied: tuple[Stack, str
         seen_while = status(stack.url, gen["id"])["status"]
     assert first_delta.data
     assert seen_while == "running"
+
+
+def _viewers(api_url: str) -> float:
+    text = httpx.get(f"{api_url}/metrics", timeout=10).text
+    line = next(x for x in text.splitlines() if x.startswith("tokenrelay_viewers "))
+    return float(line.split()[1])
+
+
+def test_nginx_sends_all_viewers_of_a_generation_to_one_api(
+    proxied: tuple[Stack, str],
+) -> None:
+    """Through nginx, six viewers of one generation all land on the same API process."""
+    stack, url = proxied
+    gen = create(url, model="fake:lorem", prompt="x", max_tokens=80)  # 4 s at 20 words/s
+    with ThreadPoolExecutor(6) as pool:
+        viewers = [pool.submit(collect, url, gen["id"]) for _ in range(6)]
+        counts = wait_for(
+            lambda: (c := [_viewers(u) for u in stack.urls]) and sum(c) == 6 and c,
+            20, what="six viewers connected")
+        results = [v.result(timeout=60) for v in viewers]
+    assert sorted(counts) == [0, 6], counts
+    assert all(text_of(r) == status(url, gen["id"])["content"] for r in results)
 
 
 def test_nginx_answers_503_in_the_error_shape_when_no_api_is_up(
