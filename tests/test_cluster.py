@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from redis.cluster import RedisCluster
@@ -217,3 +218,20 @@ def test_queue_and_control_live_on_the_queue_redis(
                  what="the job's result on the queue's Redis")
     finally:
         client.close()
+
+
+def test_readyz_needs_the_queue_redis_too(cluster: LocalCluster) -> None:
+    """With the queue on its own Redis, /readyz answers 503 while that Redis is down, 200 after."""
+    queue = RedisServer().start()
+    s = Stack(apis=1, workers=0, redis_url=cluster.url, env=_cluster_env(queue))
+    try:
+        assert httpx.get(f"{s.url}/readyz", timeout=10).status_code == 200
+        queue._terminate()
+        wait_for(lambda: httpx.get(f"{s.url}/readyz", timeout=10).status_code == 503, 20,
+                 what="readyz 503 without the queue's Redis")
+        queue.start()
+        wait_for(lambda: httpx.get(f"{s.url}/readyz", timeout=10).status_code == 200, 20,
+                 what="readyz 200 again")
+    finally:
+        s.stop()
+        queue.stop()

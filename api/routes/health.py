@@ -19,9 +19,11 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "Redis unreachable"}})
 async def readyz(state: State) -> dict[str, str]:
-    """Redis is reachable."""
+    """Redis is reachable (and the queue's Redis, when it is another one)."""
     try:
         await state.redis.ping()
+        if not state.settings.queue_shares_redis:
+            await state.queue.ping()
     except (RedisError, OSError) as exc:
         raise Unavailable(f"redis unreachable: {exc}", retry_after=2) from exc
     return {"status": "ready"}
