@@ -98,36 +98,46 @@ def test_nginx_conf_turns_buffering_off_and_reads_long() -> None:
     assert read_timeout is not None and int(read_timeout.group(1)) >= 4 * 15
 
 
+def test_nginx_allows_many_open_streams() -> None:
+    """nginx is given far more than its default 1,024 connections per worker, and is mounted
+    as the main config (where that limit is set)."""
+    conf = NGINX_CONF.read_text()
+    connections = re.search(r"^\s*worker_connections (\d+);", conf, re.M)
+    assert connections is not None and int(connections.group(1)) >= 8192
+    proxy = _compose()["services"]["proxy"]
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in proxy["volumes"]
+    assert proxy["ulimits"]["nofile"]["soft"] >= 2 * int(connections.group(1))
+
+
 # --- the same nginx.conf, run for real in front of two API processes -------------------
 
 
 def _loopback_conf(api_ports: list[int], listen: int, workdir: Path) -> str:
-    """deploy/nginx.conf unchanged but for its addresses, wrapped in a minimal main config."""
-    site = NGINX_CONF.read_text()
-    servers = "".join(f"server 127.0.0.1:{port};\n    " for port in api_ports)
-    site = site.replace("server api:8000;\n    ", servers)
-    site = site.replace("listen 80;", f"listen 127.0.0.1:{listen};")
-    assert f"127.0.0.1:{api_ports[0]}" in site and f"127.0.0.1:{listen}" in site
+    """deploy/nginx.conf unchanged but for its addresses, log, pid and temporary paths."""
+    conf = NGINX_CONF.read_text()
+    servers = " ".join(f"server 127.0.0.1:{port};" for port in api_ports)
+    replaced = {
+        "server api:8000;": servers,
+        "listen 80;": f"listen 127.0.0.1:{listen};",
+        "access_log /var/log/nginx/access.log;": "access_log off;",
+    }
+    for old, new in replaced.items():
+        assert conf.count(old) == 1, old
+        conf = conf.replace(old, new)
     temp = {name: workdir / name for name in ("client", "proxy", "fastcgi", "uwsgi", "scgi")}
     for path in temp.values():
         path.mkdir()
-    return f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
+    conf = conf.replace("http {", f"""http {{
     client_body_temp_path {temp['client']};
     proxy_temp_path {temp['proxy']};
     fastcgi_temp_path {temp['fastcgi']};
     uwsgi_temp_path {temp['uwsgi']};
-    scgi_temp_path {temp['scgi']};
-{site}
-}}
-"""
+    scgi_temp_path {temp['scgi']};""", 1)
+    return f"""daemon off;
+master_process off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+{conf}"""
 
 
 @pytest.fixture(scope="module")
