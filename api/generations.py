@@ -287,7 +287,7 @@ def event_stream(
         preamble=ev.RETRY_FRAME,
         status_code=status_code,
         headers={"X-Generation-Id": gen_id},
-        label=f"generation_id={gen_id}",
+        label=gen_id,
     )
 
 

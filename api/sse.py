@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 
 PING = b": ping\n\n"
 MEDIA_TYPE = b"text/event-stream; charset=utf-8"
+_HEADERS = (
+    (b"content-type", MEDIA_TYPE),
+    (b"cache-control", b"no-store"),  # neither browsers nor proxies may keep the stream
+    (b"x-accel-buffering", b"no"),  # nginx: do not buffer it either
+)
 
 
 class Connection:
@@ -115,8 +120,8 @@ class Connections:
                 if now - conn.send_started >= self.send_timeout_s and not conn.stalled:
                     conn.stalled = True
                     self.stalled_total += 1
-                    logger.warning("closing stalled viewer %s: no write progress for %.1fs",
-                                   conn.label, now - conn.send_started)
+                    logger.warning("closing stalled viewer generation_id=%s: no write "
+                                   "progress for %.1fs", conn.label, now - conn.send_started)
                     if conn.task is not None:
                         conn.task.cancel()
             elif now - conn.last_write >= self.heartbeat_s and not conn.ping_due:
@@ -179,22 +184,16 @@ class EventStreamResponse(Response):
         self.preamble = preamble
         self.status_code = status_code
         self.label = label
-        raw = [
-            (b"content-type", MEDIA_TYPE),
-            (b"cache-control", b"no-store"),
-            (b"x-accel-buffering", b"no"),
-        ]
+        raw = [*_HEADERS]
         raw += [(k.lower().encode("latin-1"), v.encode("latin-1"))
                 for k, v in (headers or {}).items()]
         self.raw_headers = raw
         self.background: BackgroundTask | None = None  # FastAPI may attach one
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start: Message = {"type": "http.response.start", "status": self.status_code,
-                          "headers": self.raw_headers}
         if scope.get("method") == "HEAD":
             await self.source.aclose()
-            await send(start)
+            await send(self._start())
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         await self.source.open()  # an error here is still an ordinary error response
@@ -204,7 +203,9 @@ class EventStreamResponse(Response):
         watcher = asyncio.create_task(_watch_disconnect(receive, conn), name="tr-sse-watch")
         self.connections.open.add(conn)
         try:
-            await _send_timed(send, start, conn, loop)
+            # The start message is built in the call, so that nothing keeps it (and the
+            # header lists middleware add to it) for the minutes the stream lasts.
+            await _send_timed(send, self._start(), conn, loop)
             await _send_timed(send, {"type": "http.response.body", "body": self.preamble,
                                      "more_body": True}, conn, loop)
             await self._pump(send, conn, loop)
@@ -220,6 +221,10 @@ class EventStreamResponse(Response):
             await self.source.aclose()
         if self.background is not None:
             await self.background()
+
+    def _start(self) -> Message:
+        headers, self.raw_headers = self.raw_headers, []  # sent once; not kept after
+        return {"type": "http.response.start", "status": self.status_code, "headers": headers}
 
     async def _pump(self, send: Send, conn: Connection,
                     loop: asyncio.AbstractEventLoop) -> None:

@@ -113,7 +113,7 @@ async def viewer_frames(
     """
     viewer = Viewer(hub, redis, gen_id, after)
     loop = asyncio.get_running_loop()
-    conn = Connection(loop, None, loop.time(), f"generation_id={gen_id}")
+    conn = Connection(loop, None, loop.time(), gen_id)
     try:
         await viewer.open()
         yield ev.RETRY_FRAME
@@ -125,6 +125,11 @@ async def viewer_frames(
 
 
 _EVENTS_PATH = re.compile(r"^/v1/generations/([^/]+)/events$")
+
+
+def _events_id(path: str) -> str | None:
+    match = _EVENTS_PATH.match(path)
+    return None if match is None else match[1]
 
 
 class EventsFastPath:
@@ -147,10 +152,12 @@ class EventsFastPath:
         self._generations = generations
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = None
+        response = None
         if scope["type"] == "http" and scope["method"] == "GET":
-            match = _EVENTS_PATH.match(scope["path"])
-        response = await self._open(scope, match[1]) if match is not None else None
+            # (Nothing held in this frame but what the stream needs: it lives as long.)
+            raw_id = _events_id(scope["path"])
+            if raw_id is not None:
+                response = await self._open(scope, raw_id)
         if response is None:
             await self.app(scope, receive, send)
         else:

@@ -131,11 +131,18 @@ async def wait_until(predicate: Any, within: float, what: str, interval: float =
 
 
 def save(name: str, data: dict[str, Any]) -> Path:
-    """Keep a run's figures as JSON (bench/results/NAME.json) for the docs and the plot."""
+    """Keep a run's figures as JSON (bench/results/NAME.json) for the docs and the plot.
+
+    Every run is also appended to bench/results/history.jsonl: on a shared machine
+    runs differ with what else it runs, and the docs say which run they quote.
+    """
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    data = {"recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"), **data}
+    data = {"recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"), "scenario": name,
+            "loadavg": os.getloadavg()[0], **data}
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    with (RESULTS / "history.jsonl").open("a") as history:
+        history.write(json.dumps(data, default=float) + "\n")
     return path
 
 
