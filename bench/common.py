@@ -146,6 +146,22 @@ def save(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def wait_for_quiet(max_wait_s: float = 0.0, busy_below: float = 0.3, window_s: float = 3.0) -> str:
+    """Wait (at most ``max_wait_s``) until the machine's other work is below ``busy_below``
+    cores over ``window_s``: on a shared machine, a measurement taken while someone
+    else's test suite runs measures that suite too. Returns what was seen."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        before = psutil.cpu_times()
+        time.sleep(window_s)
+        after = psutil.cpu_times()
+        busy = sum(getattr(after, f) - getattr(before, f)
+                   for f in ("user", "nice", "system", "irq", "softirq")) / window_s
+        if busy < busy_below or time.monotonic() >= deadline:
+            return f"machine busy {busy:.2f} cores before the run"
+        time.sleep(2.0)
+
+
 def machine_note() -> str:
     load1, _, _ = os.getloadavg()
     return f"{os.cpu_count()} cores, load average {load1:.2f} at start"

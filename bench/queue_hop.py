@@ -32,6 +32,7 @@ from bench.common import (  # noqa: E402
     save,
     stack_pids,
     summary,
+    wait_for_quiet,
 )
 from bench.sseclient import SEQ_BITS, Viewer, open_viewer, request_bytes  # noqa: E402
 
@@ -105,7 +106,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=300, help="generations measured (>= 200)")
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                        help="wait up to S seconds for the rest of the machine to be idle")
     args = parser.parse_args()
+    if args.quiet_wait:
+        print(wait_for_quiet(args.quiet_wait), flush=True)
     install_uvloop()
     asyncio.run(run(max(args.count, 1), args.warmup))
 

@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Stack, install_uvloop, machine_note, save  # noqa: E402
+from bench.common import Stack, install_uvloop, machine_note, save, wait_for_quiet  # noqa: E402
 from bench.loadrun import (  # noqa: E402
     FanoutResult,
     NaiveServer,
@@ -216,7 +216,11 @@ def main(argv: Iterable[str] | None = None) -> None:
     f.add_argument("--tokens", type=int, default=500)
     f.add_argument("--b-n", type=_ints, default=[1, 1000])
     f.add_argument("--d-n", type=int, default=5000)
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                        help="wait up to S seconds for the rest of the machine to be idle")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.quiet_wait:
+        print(wait_for_quiet(args.quiet_wait), flush=True)
     install_uvloop()
     runner = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d,
               "e": scenario_e, "f": scenario_f}[args.scenario]
