@@ -469,7 +469,9 @@ def test_exit_codes(cli_stack: Stack) -> None:
     try:
         watcher.wait_until(lambda c: len(c.out.data) >= 20, "first words from watch")
         assert httpx.post(f"{cli_stack.url}/v1/generations/{gen_id}/cancel").status_code == 202
-        assert watcher.wait() == 3
+        wait_for(lambda: status(cli_stack.url, gen_id)["status"] == "cancelled", 20,
+                 what="the server to cancel the generation")
+        assert watcher.wait(20) == 3
     finally:
         watcher.kill()
     assert watcher.stdout == status(cli_stack.url, gen_id)["content"]
