@@ -64,14 +64,16 @@ async def generate(ctx: dict[str, Any], gen_id: str, attempt: int = 1) -> str:
                 await limits.release_generation(redis, gen_id)
             return why
         logger.info("started generation_id=%s attempt=%d", gen_id, attempt)
-        # Side by side: one round trip of latency before the first token, not two.
-        _, cancel_requested = await asyncio.gather(
-            lease.hold(gen_id, attempt), redis.exists(keys.cancel(gen_id))
+        # Side by side: one round trip of latency before the first token, not three.
+        _, cancel_requested, meta = await asyncio.gather(
+            lease.hold(gen_id, attempt),
+            redis.exists(keys.cancel(gen_id)),
+            awaited(redis.hmget(keys.meta(gen_id), ["request", "created_at", "started_at"])),
         )
         if cancel_requested:
             cancel_event.set()
         try:
-            outcome = await _run(ctx, gen_id, attempt, cancel_event)
+            outcome = await _run(ctx, gen_id, attempt, cancel_event, meta)
         except asyncio.CancelledError:
             # The worker is shutting down (not a user's cancel, which is an event):
             # hand the generation over to another worker at once.
@@ -85,7 +87,9 @@ async def generate(ctx: dict[str, Any], gen_id: str, attempt: int = 1) -> str:
         control.unwatch(gen_id)
 
 
-async def _run(ctx: dict[str, Any], gen_id: str, attempt: int, cancel: asyncio.Event) -> str:
+async def _run(ctx: dict[str, Any], gen_id: str, attempt: int, cancel: asyncio.Event,
+               meta: list[Any]) -> str:
+    """``meta``: the generation's request, created_at and started_at (read with the start)."""
     redis: Redis = ctx["tr_redis"]
     settings: Settings = ctx["settings"]
     providers: Providers = ctx["providers"]
@@ -105,9 +109,7 @@ async def _run(ctx: dict[str, Any], gen_id: str, attempt: int, cancel: asyncio.E
         await asyncio.shield(finish_and_count(event_type, data, fields))
         return event_type
 
-    raw_request, created_at, started_at = await awaited(redis.hmget(
-        keys.meta(gen_id), ["request", "created_at", "started_at"]
-    ))
+    raw_request, created_at, started_at = meta
     if raw_request is None:
         return "missing"
     body = json.loads(raw_request)
