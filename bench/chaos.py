@@ -121,7 +121,26 @@ class Chaos:
             tasks = [asyncio.create_task(self._generation(client, i))
                      for i in range(self.config.generations)]
             faults = asyncio.create_task(self._faults())
-            await asyncio.wait_for(asyncio.gather(*tasks, faults), self.config.deadline_s)
+            try:
+                await asyncio.wait_for(asyncio.gather(*tasks, faults), self.config.deadline_s)
+            except TimeoutError:
+                raise TimeoutError(self._stuck(faults)) from None
+
+    def _stuck(self, faults: asyncio.Task[None]) -> str:
+        """What had not finished at the deadline, for the error message."""
+        created = [g for g in self.gen_ids if g is not None]
+        open_logs = [log for log in self.logs if not _ended(log)]
+        stuck = sorted({self.gen_ids[log.gen] or "?" for log in open_logs})
+        client = redis_sync.Redis.from_url(self.server.url)
+        try:
+            states = {g: client.hget(keys.meta(g), "status") for g in stuck[:10]}
+        finally:
+            client.close()
+        return (f"chaos run past its {self.config.deadline_s:g} s deadline: "
+                f"{len(created)}/{self.config.generations} generations created, "
+                f"{len(open_logs)} viewers without their terminal event on {len(stuck)} "
+                f"generations (status of the first: {states}); faults done: "
+                f"{sorted(self.faults)}{'' if faults.done() else ' (still running)'}")
 
     async def _generation(self, client: httpx.AsyncClient, i: int) -> None:
         spacing = self.config.create_over_s / max(1, self.config.generations)
