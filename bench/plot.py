@@ -61,10 +61,17 @@ def load(name: str) -> dict[str, Any] | None:
 
 
 def fanout_panel(ax: Axes, a: dict[str, Any] | None, f: dict[str, Any] | None) -> None:
-    runs = [r for r in (a or {}).get("runs", []) if not r.get("stalled")]
-    runs += [r for r in (f or {}).get("a", {}).get("runs", []) if r["server"] == "naive"]
-    for server in ("tokenrelay", "naive"):
-        mine = sorted((r for r in runs if r["server"] == server), key=lambda r: r["n"])
+    f_runs = (f or {}).get("a", {}).get("runs", [])
+    ours = [r for r in (a or {}).get("runs", []) if r["server"] == "tokenrelay"]
+    ours = ours or [r for r in f_runs if r["server"] == "tokenrelay"]
+    naive = [r for r in f_runs if r["server"] == "naive"]
+    for server, rows in (("tokenrelay", ours), ("naive", naive)):
+        first: dict[int, dict[str, Any]] = {}
+        for r in rows:
+            if r.get("stalled") or r.get("extra", {}).get("stall_pair"):
+                continue  # the stall comparison, not the fan-out curve
+            first.setdefault(r["n"], r)
+        mine = [first[n] for n in sorted(first)]
         if not mine:
             continue
         ns = [r["n"] for r in mine]

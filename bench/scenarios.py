@@ -65,6 +65,7 @@ async def scenario_a(args: argparse.Namespace, naive: bool = False) -> dict[str,
             for n_stall in (0, args.stall):
                 result = await fanout(stack, servers[0], args.stall_n, args.tokens,
                                       stall=n_stall)
+                result.extra["stall_pair"] = True
                 print("  " + result.line(), flush=True)
                 runs.append(result)
     finally:
