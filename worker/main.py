@@ -133,7 +133,8 @@ def create_worker(settings: Settings, concurrency: int | None = None) -> TokenRe
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         ctx["settings"] = settings
-        ctx["tr_redis"] = create_redis(redis_url, "worker", cluster=settings.redis_cluster)
+        ctx["tr_redis"] = create_redis(redis_url, "worker", cluster=settings.redis_cluster,
+                                       patient=True)
         ctx["providers"] = build_providers(settings)
         # Wake-ups and cancels arrive on the queue's Redis (pub/sub); flags live with the streams.
         ctx["control"] = Control(ctx["tr_redis"], channels=ctx["redis"])
