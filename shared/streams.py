@@ -8,6 +8,7 @@ write after the terminal event, is refused by Redis itself.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,15 +31,18 @@ redis.call('EXPIRE', KEYS[2], ARGV[1])
 return id
 """
 
-# KEYS: meta events content ; ARGV: attempt now ttl
+# KEYS: meta events content ; ARGV: attempt now ttl run
+# ``run`` (random per job run) lets a retried start whose reply was lost find itself.
 _START = f"""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {{0, 'missing'}} end
 if {_TERMINAL_LUA} then return {{0, st}} end
-local prev = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+local m = redis.call('HMGET', KEYS[1], 'attempt', 'run')
+local prev = tonumber(m[1] or '0')
+if tonumber(ARGV[1]) == prev and m[2] == ARGV[4] then return {{1, 'already'}} end
 if tonumber(ARGV[1]) <= prev then return {{0, 'stale'}} end
 redis.call('HSET', KEYS[1], 'attempt', ARGV[1], 'status', 'running', 'started_at', ARGV[2],
-  'seq', '0')
+  'seq', '0', 'run', ARGV[4])
 redis.call('SET', KEYS[3], '', 'EX', ARGV[3])
 if st == 'running' then
   redis.call('XADD', KEYS[2], '*', 't', 'status', 'd',
@@ -191,14 +195,18 @@ async def create(
     return _text(results[2])
 
 
-async def start(redis: Redis, gen_id: str, attempt: int) -> tuple[bool, str]:
+async def start(
+    redis: Redis, gen_id: str, attempt: int, run: str = ""
+) -> tuple[bool, str]:
     """Mark an attempt running (writing ``restarted`` first if an earlier one had started).
 
     Returns (started, reason): not started when the generation is terminal, unknown,
-    or already claimed by this or a newer attempt.
+    or already claimed by another run of this or a newer attempt. Called again with
+    the same ``run`` (its reply was lost), it reports started.
     """
     ok, detail = await _run(
-        redis, _START, _gen_keys(gen_id)[:3], attempt, now(), keys.PENDING_TTL_S
+        redis, _START, _gen_keys(gen_id)[:3], attempt, now(), keys.PENDING_TTL_S,
+        run or secrets.token_hex(8),
     )
     return bool(ok), _text(detail)
 

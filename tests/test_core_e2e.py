@@ -276,3 +276,19 @@ def test_heartbeat_comment_while_idle() -> None:
         assert ": ping\n" in seen
     finally:
         s.stop()
+
+
+def test_every_cancel_stops_a_fast_generation() -> None:
+    """Twenty cancels, each soon after a fast generation starts, all end it (none is swallowed)."""
+    s = Stack(apis=1, workers=1, env={"TOKENRELAY_FAKE_TPS": "300"})
+    try:
+        for _ in range(20):
+            gen = create(s.url, model="fake:lorem", prompt="x", max_tokens=20000)
+            first = collect(s.url, gen["id"], limit=4)
+            assert httpx.post(f"{s.url}/v1/generations/{gen['id']}/cancel").status_code == 202
+            wait_for(lambda: status(s.url, gen["id"])["status"] == "cancelled", 5,
+                     what=f"cancel of {gen['id']} to take effect")
+            rest = collect(s.url, gen["id"], after=first[-1].id)
+            assert rest[-1].type == "cancelled"
+    finally:
+        s.stop()

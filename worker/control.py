@@ -27,7 +27,9 @@ class Control:
         self._redis = redis  # cancel flags, next to the generations' streams
         self._channels = channels or redis  # pub/sub: the queue's Redis (never a Cluster)
         self.wake = asyncio.Event()
-        self._cancels: dict[str, asyncio.Event] = {}
+        # A set per generation: two runs of one generation in one process (a restart
+        # landing here) each keep their own event, and a cancel reaches both.
+        self._cancels: dict[str, set[asyncio.Event]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -45,17 +47,22 @@ class Control:
 
     def watch(self, gen_id: str) -> asyncio.Event:
         """An event set when a cancel of ``gen_id`` is requested; call ``unwatch`` after."""
-        event = self._cancels[gen_id] = asyncio.Event()
+        event = asyncio.Event()
+        self._cancels.setdefault(gen_id, set()).add(event)
         return event
 
-    def unwatch(self, gen_id: str) -> None:
-        self._cancels.pop(gen_id, None)
+    def unwatch(self, gen_id: str, event: asyncio.Event) -> None:
+        events = self._cancels.get(gen_id)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del self._cancels[gen_id]
 
     def _cancel(self, gen_id: str) -> None:
-        event = self._cancels.get(gen_id)
-        if event is not None and not event.is_set():
-            logger.info("cancel requested generation_id=%s", gen_id)
-            event.set()
+        for event in self._cancels.get(gen_id, ()):
+            if not event.is_set():
+                logger.info("cancel requested generation_id=%s", gen_id)
+                event.set()
 
     async def _listen(self) -> None:
         backoff = 0.1
