@@ -286,8 +286,9 @@ def test_every_cancel_stops_a_fast_generation() -> None:
             gen = create(s.url, model="fake:lorem", prompt="x", max_tokens=20000)
             first = collect(s.url, gen["id"], limit=4)
             assert httpx.post(f"{s.url}/v1/generations/{gen['id']}/cancel").status_code == 202
-            wait_for(lambda: status(s.url, gen["id"])["status"] == "cancelled", 5,
-                     what=f"cancel of {gen['id']} to take effect")
+            gen_id = gen["id"]
+            wait_for(lambda: status(s.url, gen_id)["status"] == "cancelled", 5,  # noqa: B023
+                     what=f"cancel of {gen_id} to take effect")
             rest = collect(s.url, gen["id"], after=first[-1].id)
             assert rest[-1].type == "cancelled"
     finally:
