@@ -160,6 +160,15 @@ class SSEProtocol(asyncio.Protocol):
         self._sse_rest = frames.pop()
         viewer = self.viewer
         for frame in frames:
+            while frame.startswith(b":") or frame.startswith(b"retry:"):
+                # Comment lines (": ping", with or without a blank line after them) and
+                # "retry:" may precede an event in the same block: count, drop, go on.
+                if frame.startswith(b":"):
+                    viewer.pings += 1
+                else:
+                    viewer.retry_seen = True
+                nl = frame.find(b"\n")
+                frame = b"" if nl < 0 else frame[nl + 1 :]
             if frame.startswith(b"id: "):
                 nl = frame.find(b"\n")
                 eid = frame[4:nl]
@@ -183,10 +192,6 @@ class SSEProtocol(asyncio.Protocol):
                 if self.stop_after is not None and self._count >= self.stop_after:
                     self.close()
                     return
-            elif frame.startswith(b":"):
-                viewer.pings += 1
-            elif frame.startswith(b"retry:"):
-                viewer.retry_seen = True
             elif frame:
                 viewer.error = f"unexpected frame {frame[:80]!r}"
 
