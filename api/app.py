@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
 
 from arq.connections import RedisSettings, create_pool
 from fastapi import FastAPI
@@ -17,6 +21,7 @@ from api.metrics import Metrics
 from api.middleware import BodyLimit, RequestContext
 from api.openai_errors import add_openai_errors
 from api.routes import generations, health, metrics, openai_compat, usage, web
+from api.sse import Connections
 from api.streaming import EventsFastPath
 from api.tokens import StreamTokens, load_secret
 from shared.logs import configure as configure_logging
@@ -24,6 +29,29 @@ from shared.redis import create_redis
 from shared.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
+
+
+def _drain_on_exit_signal(connections: Connections) -> None:
+    """On SIGTERM/SIGINT, end open streams with a reconnect hint, then let uvicorn shut down.
+
+    uvicorn waits for open connections before it stops, and event streams never end by
+    themselves; without this a rolling restart would hold every viewer until
+    ``timeout_graceful_shutdown`` and then cut them. The handler wraps uvicorn's own
+    (installed before the lifespan starts) and is scoped to this app's run.
+    """
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(connections.drain)
+            if callable(previous):
+                previous(signum, frame)
+
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread (an app run inside tests): nothing to wrap
+            return
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -47,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hub = hub_type(redis, settings.redis_url, settings.hub_history_frames,
                        heartbeat_s=settings.heartbeat_s, send_timeout_s=settings.send_timeout_s)
         hub.start()
+        _drain_on_exit_signal(hub.connections)
         app.state.tr = AppState(
             settings=settings,
             redis=redis,

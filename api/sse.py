@@ -31,7 +31,12 @@ from starlette.types import Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
-PING = b": ping\n\n"
+# A comment line alone: no blank line after it, so that lax SSE parsers (httpx-sse,
+# the openai SDK's) do not turn it into an event with empty data.
+PING = b": ping\n"
+# Written to every open stream when the process shuts down: reconnect soon (to
+# another instance, with Last-Event-ID) instead of waiting for the socket to drop.
+DRAIN = b": shutting down, reconnect\nretry: 250\n\n"
 MEDIA_TYPE = b"text/event-stream; charset=utf-8"
 _HEADERS = (
     (b"content-type", MEDIA_TYPE),
@@ -44,7 +49,7 @@ class Connection:
     """One SSE connection as the ticker and the frame source see it."""
 
     __slots__ = ("loop", "task", "wake_future", "last_write", "send_started", "ping_due",
-                 "disconnected", "stalled", "label")
+                 "disconnected", "stalled", "draining", "label")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object] | None,
                  now: float, label: str):
@@ -56,6 +61,7 @@ class Connection:
         self.ping_due = False
         self.disconnected = False
         self.stalled = False
+        self.draining = False  # the process is shutting down: end with DRAIN
         self.label = label
 
     def waiter(self) -> asyncio.Future[None]:
@@ -112,6 +118,12 @@ class Connections:
             self._task = None
             gc.unfreeze()
             gc.set_threshold(*self._gc_before)
+
+    def drain(self) -> None:
+        """End every open stream with a reconnect hint (SIGTERM: the process is leaving)."""
+        for conn in self.open:
+            conn.draining = True
+            conn.wake()
 
     def check(self, now: float) -> None:
         """Mark pings due and cut stalled connections; run by the ticker every ``tick_s``."""
@@ -237,6 +249,11 @@ class EventStreamResponse(Response):
         while True:
             chunk = await source.next(conn)
             if conn.closing:
+                return
+            if conn.draining:
+                conn.send_started = loop.time()
+                await send({"type": "http.response.body", "body": chunk + DRAIN if chunk else DRAIN,
+                            "more_body": False})
                 return
             if chunk is None:
                 conn.send_started = loop.time()

@@ -142,3 +142,26 @@ def test_redis_restart_mid_generation_recovers_without_restarting_anything() -> 
     finally:
         s.stop()
         server.stop()
+
+
+def test_api_sigterm_ends_streams_with_a_reconnect_hint() -> None:
+    """SIGTERM on an API process ends its open streams at once with `retry:`; viewers resume elsewhere."""
+    s = Stack(apis=2, workers=1, env={"TOKENRELAY_FAKE_TPS": "30"})
+    try:
+        gen = create(s.url, model="fake:lorem", prompt="x", max_tokens=60)
+        received = b""
+        with httpx.stream("GET", f"{s.urls[0]}/v1/generations/{gen['id']}/events",
+                          timeout=30) as response:
+            for chunk in response.iter_bytes():
+                received += chunk
+                if received.count(b"event: delta") >= 5 and s.apis[0].alive():
+                    s.apis[0].popen.send_signal(signal.SIGTERM)
+        assert received.endswith(b": shutting down, reconnect\nretry: 250\n\n")
+        wait_for(lambda: not s.apis[0].alive(), 10, what="the API process to exit")
+        from shared.events import parse_sse
+        first = parse_sse(received.decode())
+        rest = collect(s.urls[1], gen["id"], after=first[-1].id)
+        assert first + rest == collect(s.urls[1], gen["id"])
+        assert rest[-1].type == "done"
+    finally:
+        s.stop()
