@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hub_type = ClusterHub if settings.redis_cluster else Hub  # a Cluster reads per slot
         hub = hub_type(redis, settings.redis_url, settings.hub_history_frames,
                        heartbeat_s=settings.heartbeat_s, send_timeout_s=settings.send_timeout_s)
+        hub.on_lag = app.state.metrics.hub_lag.observe
         hub.start()
         _drain_on_exit_signal(hub.connections)
         app.state.tr = AppState(

@@ -113,6 +113,7 @@ class SlotReader:
                     channel = active.get(key)
                     if channel is not None and self.hub.channels.get(channel.gen_id) is channel:
                         channel.append(entries)
+                        self.hub.observe_lag(entries)
         finally:
             self.reading = set()
             if self.hub._slot_readers.get(self.slot) is self:

@@ -25,6 +25,8 @@ import bisect
 import contextlib
 import logging
 import secrets
+import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -149,11 +151,19 @@ class Hub:
         self._task: asyncio.Task[None] | None = None
         self._reader: Redis | None = None
         self.reads = 0  # XREAD calls, for metrics and tests
+        # Called with each batch's lag (seconds from the last entry's append to its read).
+        self.on_lag: Callable[[float], None] | None = None
         self.catchup_reads = 0  # XRANGE pages read by viewers behind the channels' memory
 
     @property
     def viewer_count(self) -> int:
         return sum(ch.viewers for ch in self.channels.values())
+
+    def observe_lag(self, entries: list[Any]) -> None:
+        """Report how long the newest entry of a batch waited between append and read."""
+        if self.on_lag is not None:
+            appended_ms = int(ev.parse_id(_entry_id(entries[-1][0]))[0])
+            self.on_lag(max(0.0, time.time() - appended_ms / 1000))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._read_loop(), name="tr-hub")
@@ -269,3 +279,8 @@ class Hub:
                 channel = active.get(key)
                 if channel is not None and self.channels.get(channel.gen_id) is channel:
                     channel.append(entries)
+                    self.observe_lag(entries)
+
+
+def _entry_id(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw

@@ -43,6 +43,7 @@ def test_metrics_cover_generations_errors_and_viewers() -> None:
         assert _metric(text, "tokenrelay_http_errors_total", 'code="not_found"') >= 1
         assert _metric(text, "tokenrelay_queue_depth") == 0
         assert "tokenrelay_viewers" in text and "tokenrelay_active_streams" in text
+        assert _metric(text, "tokenrelay_hub_lag_seconds_count") >= 1  # live events were read
 
         response = httpx.get(f"{s.url}/healthz", headers={"X-Request-Id": "trace-me-123"})
         assert response.headers["x-request-id"] == "trace-me-123"
