@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
@@ -315,19 +315,8 @@ def chat(base_url: str, prompt: str, model: str, api_key: str | None,
         body["max_tokens"] = max_tokens
     session = Session(base_url, api_key, out, err, stdin)
     outcome = Outcome()
-    try:
-        session.spinner.start("queued, waiting for a worker")
-        session.create_and_follow(body, outcome)
-    except KeyboardInterrupt:
-        session.spinner.stop()
-        return _interrupted(session, outcome, ask=True)
-    except ApiError as exc:
-        return _fail(session, f"error: {exc}", EXIT_REFUSED, outcome)
-    except (httpx.TransportError, Unreachable) as exc:
-        return _fail(session, f"error: cannot reach {base_url}: {exc}", EXIT_UNREACHABLE, outcome)
-    finally:
-        session.close()
-    return _finish(outcome, out, err)
+    return _drive(session, outcome, base_url, "queued, waiting for a worker",
+                  lambda: session.create_and_follow(body, outcome), ask=True)
 
 
 def watch(base_url: str, target: str, after: str | None, api_key: str | None,
@@ -337,19 +326,27 @@ def watch(base_url: str, target: str, after: str | None, api_key: str | None,
     gen_id, base_url, token = _parse_target(target, base_url, token)
     session = Session(base_url, api_key, out, err, stdin, token=token)
     outcome = Outcome(gen_id=gen_id, last_id=after)
+    return _drive(session, outcome, base_url, "waiting for the first token",
+                  lambda: session.follower.follow(outcome), ask=False)
+
+
+def _drive(session: Session, outcome: Outcome, base_url: str, waiting: str,
+           run: Callable[[], object], *, ask: bool) -> int:
+    """Run one client session to its exit code: Ctrl-C, refusals and unreachable servers
+    end it the same way for ``chat`` and ``watch``."""
     try:
-        session.spinner.start("waiting for the first token")
-        session.follower.follow(outcome)
+        session.spinner.start(waiting)
+        run()
     except KeyboardInterrupt:
         session.spinner.stop()
-        return _interrupted(session, outcome, ask=False)
+        return _interrupted(session, outcome, ask=ask)
     except ApiError as exc:
         return _fail(session, f"error: {exc}", EXIT_REFUSED, outcome)
     except (httpx.TransportError, Unreachable) as exc:
         return _fail(session, f"error: cannot reach {base_url}: {exc}", EXIT_UNREACHABLE, outcome)
     finally:
         session.close()
-    return _finish(outcome, out, err)
+    return _finish(outcome, session.out, session.err)
 
 
 def _parse_target(target: str, base_url: str, token: str | None) -> tuple[str, str, str | None]:
