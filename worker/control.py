@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
+from worker.tasks import stop_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +40,7 @@ class Control:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
 
     def watch(self, gen_id: str) -> asyncio.Event:
         """An event set when a cancel of ``gen_id`` is requested; call ``unwatch`` after."""

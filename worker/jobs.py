@@ -29,13 +29,11 @@ from shared.usage import record as count_usage
 from worker.control import Control
 from worker.lease import Lease, enqueue_attempt
 from worker.providers import Delta, Finish, GenerationRequest, Providers
+from worker.tasks import stop_task
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# How often stop_task re-sends a cancellation that was swallowed.
-STOP_RECHECK_S = 0.05
 
 # How long a worker keeps retrying an append while Redis is unreachable.
 APPEND_RETRY_S = 60.0
@@ -219,19 +217,6 @@ async def _record_stats(
         )
     except (RedisError, OSError) as exc:  # statistics must never fail a generation
         logger.warning("could not record statistics: %s", exc)
-
-
-async def stop_task(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait until it has ended, cancelling again if need be.
-
-    One ``cancel()`` is not enough: on Python 3.11 a cancellation that lands just as
-    the ``asyncio.wait_for`` inside a redis-py command completes is swallowed
-    (CPython gh-86296), and the provider would go on streaming. Measured before
-    this loop: about one cancel in ten, at 200 tokens/s, was lost.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=STOP_RECHECK_S)
 
 
 async def append_with_retry(

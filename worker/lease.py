@@ -26,6 +26,7 @@ from shared import events as ev
 from shared import keys, limits, streams
 from shared.redis import awaited
 from shared.usage import record as count_usage
+from worker.tasks import stop_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +65,7 @@ class Lease:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         with contextlib.suppress(RedisError, OSError):
             await self._redis.delete(keys.worker_alive(self.worker_id))
 

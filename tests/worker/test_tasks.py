@@ -1,10 +1,10 @@
-"""The generation job's building blocks."""
+"""Stopping background tasks reliably."""
 
 from __future__ import annotations
 
 import asyncio
 
-from worker.jobs import stop_task
+from worker.tasks import stop_task
 
 
 async def test_stop_task_ends_a_task_that_swallowed_a_cancel() -> None:
