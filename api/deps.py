@@ -14,11 +14,11 @@ from arq.connections import ArqRedis
 from fastapi import Depends, Query, Request
 from redis.asyncio import Redis
 
-from api.hub import Hub
-from api.tokens import StreamTokens
-from shared.errors import NotFound, Unauthorized
-from shared.ids import is_generation_id
-from shared.settings import Settings
+from tokenrelay.api.hub import Hub
+from tokenrelay.api.tokens import StreamTokens
+from tokenrelay.shared.errors import NotFound, Unauthorized
+from tokenrelay.shared.ids import is_generation_id
+from tokenrelay.shared.settings import Settings
 
 DEFAULT_TENANT = "default"
 

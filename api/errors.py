@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import TokenRelayError
+from tokenrelay.shared.errors import TokenRelayError
 
 logger = logging.getLogger(__name__)
 

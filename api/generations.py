@@ -12,14 +12,14 @@ from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 from redis.exceptions import RedisError
 
-from api.deps import AppState, Principal
-from api.hub import Channel
-from api.schemas import ErrorInfo, GenerationCreate, GenerationCreated, GenerationStatus
-from api.sse import EventStreamResponse
-from api.streaming import Viewer
-from shared import events as ev
-from shared import keys, limits, streams
-from shared.errors import (
+from tokenrelay.api.deps import AppState, Principal
+from tokenrelay.api.hub import Channel
+from tokenrelay.api.schemas import ErrorInfo, GenerationCreate, GenerationCreated, GenerationStatus
+from tokenrelay.api.sse import EventStreamResponse
+from tokenrelay.api.streaming import Viewer
+from tokenrelay.shared import events as ev
+from tokenrelay.shared import keys, limits, streams
+from tokenrelay.shared.errors import (
     BadRequest,
     Conflict,
     NotFound,
@@ -27,8 +27,8 @@ from shared.errors import (
     Unavailable,
     ValidationFailed,
 )
-from shared.ids import new_generation_id
-from shared.models import check_model
+from tokenrelay.shared.ids import new_generation_id
+from tokenrelay.shared.models import check_model
 
 logger = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from api.sse import Connections
-from shared import events as ev
-from shared import keys
-from shared.redis import create_blocking_redis
+from tokenrelay.api.sse import Connections
+from tokenrelay.shared import events as ev
+from tokenrelay.shared import keys
+from tokenrelay.shared.redis import create_blocking_redis
 
 logger = logging.getLogger(__name__)
 

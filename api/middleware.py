@@ -6,9 +6,9 @@ import secrets
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_response
-from api.metrics import Metrics
-from shared.logs import request_id
+from tokenrelay.api.errors import error_response
+from tokenrelay.api.metrics import Metrics
+from tokenrelay.shared.logs import request_id
 
 
 class BodyLimit:

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.errors import TokenRelayError
+from tokenrelay.shared.errors import TokenRelayError
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
 

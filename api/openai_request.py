@@ -13,10 +13,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from api.openai_errors import OpenAIError
-from api.schemas import MAX_MESSAGES, GenerationCreate, Message
-from shared.models import check_model
-from shared.settings import Settings
+from tokenrelay.api.openai_errors import OpenAIError
+from tokenrelay.api.schemas import MAX_MESSAGES, GenerationCreate, Message
+from tokenrelay.shared.models import check_model
+from tokenrelay.shared.settings import Settings
 
 # Accepted, no effect on the answer.
 IGNORED = frozenset(

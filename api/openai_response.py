@@ -21,8 +21,8 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, TypeVar
 
-from api.openai_errors import OpenAIError, error_body
-from shared import events as ev
+from tokenrelay.api.openai_errors import OpenAIError, error_body
+from tokenrelay.shared import events as ev
 
 T = TypeVar("T")
 

@@ -19,12 +19,12 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.deps import AppState, generation_id, get_reader
-from api.hub import Channel, Hub
-from api.sse import Connection, EventStreamResponse
-from shared import events as ev
-from shared import streams
-from shared.errors import TokenRelayError
+from tokenrelay.api.deps import AppState, generation_id, get_reader
+from tokenrelay.api.hub import Channel, Hub
+from tokenrelay.api.sse import Connection, EventStreamResponse
+from tokenrelay.shared import events as ev
+from tokenrelay.shared import streams
+from tokenrelay.shared.errors import TokenRelayError
 
 REDIS_PAGE = 500
 
@@ -147,7 +147,7 @@ class EventsFastPath:
     def __init__(self, app: ASGIApp):
         self.app = app
         # Imported here: api.generations imports this module.
-        from api import generations
+        from tokenrelay.api import generations
 
         self._generations = generations
 

@@ -15,7 +15,7 @@ import time
 
 from redis.asyncio import Redis
 
-from shared import keys
+from tokenrelay.shared import keys
 
 
 class StreamTokens:

@@ -35,11 +35,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.chaos_report import Report, add_recovery, p50  # noqa: E402
-from shared import keys  # noqa: E402
-from shared.events import Event, parse_id  # noqa: E402
 from tests.client import text_of  # noqa: E402
 from tests.stack import Stack  # noqa: E402
-from tokenrelay_cli.redis_server import RedisServer  # noqa: E402
+from tokenrelay.cli.redis_server import RedisServer  # noqa: E402
+from tokenrelay.shared import keys  # noqa: E402
+from tokenrelay.shared.events import Event, parse_id  # noqa: E402
 
 START_TIMEOUT_S = 120.0
 

@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.events import Event, parse_id
+from tokenrelay.shared.events import Event, parse_id
 
 
 @dataclass

@@ -31,8 +31,8 @@ from bench.sseclient import (
     request_bytes,
     unpack_id,
 )
-from shared import keys
-from tokenrelay_cli.redis_server import free_port
+from tokenrelay.cli.redis_server import free_port
+from tokenrelay.shared import keys
 
 
 @dataclass

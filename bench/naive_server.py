@@ -27,8 +27,8 @@ from fastapi import FastAPI, HTTPException  # noqa: E402
 from redis.asyncio import BlockingConnectionPool, Redis  # noqa: E402
 from sse_starlette import EventSourceResponse, ServerSentEvent  # noqa: E402
 
-from shared import events as ev  # noqa: E402
-from shared import keys  # noqa: E402
+from tokenrelay.shared import events as ev  # noqa: E402
+from tokenrelay.shared import keys  # noqa: E402
 
 BLOCK_MS = 5000
 

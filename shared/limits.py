@@ -6,8 +6,8 @@ import time
 
 from redis.asyncio import Redis
 
-from shared import keys
-from shared.redis import awaited
+from tokenrelay.shared import keys
+from tokenrelay.shared.redis import awaited
 
 # Admit a generation if the tenant has fewer than ARGV[1] active ones. Entries
 # carry a give-up time as score, so one whose release was missed (a lost

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.settings import Settings
+from tokenrelay.shared.settings import Settings
 
 FAKE_MODELS = ("echo", "lorem", "error")
 

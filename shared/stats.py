@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from shared import keys
-from shared.redis import awaited
+from tokenrelay.shared import keys
+from tokenrelay.shared.redis import awaited
 
 BUCKETS: dict[str, tuple[float, ...]] = {
     "queue_wait_seconds": (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,

@@ -16,9 +16,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from shared import events as ev
-from shared import keys
-from shared.redis import awaited
+from tokenrelay.shared import events as ev
+from tokenrelay.shared import keys
+from tokenrelay.shared.redis import awaited
 
 _TERMINAL_LUA = "st == 'completed' or st == 'failed' or st == 'cancelled'"
 

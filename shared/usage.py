@@ -18,8 +18,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from shared import events as ev
-from shared import keys
+from tokenrelay.shared import events as ev
+from tokenrelay.shared import keys
 
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 STATUS_PREFIX = "generations:"

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 from httpx_sse import connect_sse
 
-from shared.events import Event
+from tokenrelay.shared.events import Event
 
 
 def create(base: str, headers: dict[str, str] | None = None, **body: Any) -> dict[str, Any]:

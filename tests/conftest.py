@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.stack import Stack
-from tokenrelay_cli.redis_server import RedisServer
+from tokenrelay.cli.redis_server import RedisServer
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from tokenrelay_cli.redis_server import free_port
+from tokenrelay.cli.redis_server import free_port
 
 TOOL_CALLS = [
     {"id": "call_a1", "name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},

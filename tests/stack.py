@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from tokenrelay_cli.redis_server import RedisServer, free_port
+from tokenrelay.cli.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ class Process:
         self.name = name
         self.log = tempfile.NamedTemporaryFile(prefix=f"tr-{name}-", suffix=".log", delete=False)
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "tokenrelay_cli", *args],
+            [sys.executable, "-m", "tokenrelay", *args],
             env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
         )
 

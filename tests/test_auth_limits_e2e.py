@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from api.tokens import StreamTokens
 from tests.client import collect, create, status
 from tests.stack import Stack
+from tokenrelay.api.tokens import StreamTokens
 
 SECRET = "test-signing-secret"
 ACME = {"Authorization": "Bearer k-acme"}

@@ -86,7 +86,7 @@ class Cli:
                 self._close.append(w)
                 readers[name] = r
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "tokenrelay_cli", *args], cwd=ROOT,
+            [sys.executable, "-m", "tokenrelay", *args], cwd=ROOT,
             env={k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")},
             **streams,
         )

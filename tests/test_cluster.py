@@ -24,7 +24,7 @@ from tests import test_core_e2e as core
 from tests.client import collect, create, status, text_of
 from tests.fake_upstream import Record, fake_upstream
 from tests.stack import Stack, wait_for
-from tokenrelay_cli.redis_server import RedisServer, free_port, redis_server_binary
+from tokenrelay.cli.redis_server import RedisServer, free_port, redis_server_binary
 
 # The core acceptance, on the cluster: content equality, resume, multi-viewer identity,
 # cancel (mid-stream, closing the upstream; after the end), error.

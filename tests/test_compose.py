@@ -20,7 +20,7 @@ from httpx_sse import connect_sse
 
 from tests.client import collect, create, status, text_of
 from tests.stack import ROOT, Stack, wait_for
-from tokenrelay_cli.redis_server import free_port
+from tokenrelay.cli.redis_server import free_port
 
 COMPOSE = ROOT / "compose.yaml"
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"

@@ -9,10 +9,10 @@ import httpx
 import pytest
 import redis
 
-from shared.events import Event, parse_id
 from tests.client import collect, create, status, text_of
 from tests.fake_upstream import Record, fake_upstream
 from tests.stack import Stack, wait_for
+from tokenrelay.shared.events import Event, parse_id
 
 
 def _assert_well_formed(events: list[Event]) -> None:

@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import redis
 
-from shared.events import Event, parse_id
 from tests.client import collect, create, follow, status, text_of
 from tests.stack import Stack, wait_for
-from tokenrelay_cli.redis_server import RedisServer
+from tokenrelay.cli.redis_server import RedisServer
+from tokenrelay.shared.events import Event, parse_id
 
 
 def _running_worker_pid(stack: Stack, gen_id: str) -> int:
@@ -158,7 +158,7 @@ def test_api_sigterm_ends_streams_with_a_reconnect_hint() -> None:
                     s.apis[0].popen.send_signal(signal.SIGTERM)
         assert received.endswith(b": shutting down, reconnect\nretry: 250\n\n")
         wait_for(lambda: not s.apis[0].alive(), 10, what="the API process to exit")
-        from shared.events import parse_sse
+        from tokenrelay.shared.events import parse_sse
         first = parse_sse(received.decode())
         rest = collect(s.urls[1], gen["id"], after=first[-1].id)
         assert first + rest == collect(s.urls[1], gen["id"])

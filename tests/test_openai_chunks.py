@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 
-from api import openai_request
-from api.openai_errors import OpenAIError
-from api.openai_response import (
+from tokenrelay.api import openai_request
+from tokenrelay.api.openai_errors import OpenAIError
+from tokenrelay.api.openai_response import (
     DONE_FRAME,
     ChunkStream,
     Completion,
     events_of,
     with_heartbeat,
 )
-from shared.events import Event, encode_event
+from tokenrelay.shared.events import Event, encode_event
 
 GEN = "gen_" + "0" * 32
 
@@ -223,7 +223,7 @@ async def test_a_stream_cut_short_ends_with_an_error_not_silence(
     """Events that stop without a terminal (expired, Redis lost) end the chat stream with an error."""
     from types import SimpleNamespace
 
-    from api.routes import openai_compat
+    from tokenrelay.api.routes import openai_compat
 
     async def frames(*_: object) -> AsyncIterator[bytes]:
         yield b"retry: 1000\n\n" + encode_event(ev(0, "status", status="queued"))

@@ -16,9 +16,9 @@ import pytest
 import redis
 from httpx_sse import connect_sse
 
-from shared.events import Event
 from tests.client import status, text_of
 from tests.stack import Stack, wait_for
+from tokenrelay.shared.events import Event
 
 # Capacity: one worker running 4 generations at once, and at most 4 admitted (queued or
 # running) deployment-wide; each of the 4 tenants may hold 3 of them.

@@ -14,10 +14,10 @@ import openai
 import pytest
 from redis.asyncio import Redis
 
-from shared import keys, streams, usage
 from tests.client import collect, create, status
 from tests.stack import Stack, wait_for
-from tokenrelay_cli.redis_server import RedisServer
+from tokenrelay.cli.redis_server import RedisServer
+from tokenrelay.shared import keys, streams, usage
 
 ALICE = {"Authorization": "Bearer k-alice"}
 BOB = {"Authorization": "Bearer k-bob"}

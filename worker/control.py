@@ -15,8 +15,8 @@ import logging
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import keys
-from worker.tasks import stop_tasks
+from tokenrelay.shared import keys
+from tokenrelay.worker.tasks import stop_tasks
 
 logger = logging.getLogger(__name__)
 

@@ -20,16 +20,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import events as ev
-from shared import keys, limits, stats, streams
-from shared.errors import ProviderError
-from shared.redis import awaited
-from shared.settings import Settings
-from shared.usage import record as count_usage
-from worker.control import Control
-from worker.lease import Lease, enqueue_attempt
-from worker.providers import Delta, Finish, GenerationRequest, Providers
-from worker.tasks import stop_task
+from tokenrelay.shared import events as ev
+from tokenrelay.shared import keys, limits, stats, streams
+from tokenrelay.shared.errors import ProviderError
+from tokenrelay.shared.redis import awaited
+from tokenrelay.shared.settings import Settings
+from tokenrelay.shared.usage import record as count_usage
+from tokenrelay.worker.control import Control
+from tokenrelay.worker.lease import Lease, enqueue_attempt
+from tokenrelay.worker.providers import Delta, Finish, GenerationRequest, Providers
+from tokenrelay.worker.tasks import stop_task
 
 logger = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import events as ev
-from shared import keys, limits, streams
-from shared.redis import awaited
-from shared.usage import record as count_usage
-from worker.tasks import stop_tasks
+from tokenrelay.shared import events as ev
+from tokenrelay.shared import keys, limits, streams
+from tokenrelay.shared.redis import awaited
+from tokenrelay.shared.usage import record as count_usage
+from tokenrelay.worker.tasks import stop_tasks
 
 logger = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
-from shared.redis import create_redis
-from shared.settings import Settings
-from worker.control import Control
-from worker.jobs import generate
-from worker.lease import Lease
-from worker.providers import Providers
-from worker.providers.fake import FakeProvider
-from worker.providers.openai_compat import OpenAICompatProvider
+from tokenrelay.shared.redis import create_redis
+from tokenrelay.shared.settings import Settings
+from tokenrelay.worker.control import Control
+from tokenrelay.worker.jobs import generate
+from tokenrelay.worker.lease import Lease
+from tokenrelay.worker.providers import Providers
+from tokenrelay.worker.providers.fake import FakeProvider
+from tokenrelay.worker.providers.openai_compat import OpenAICompatProvider
 
 logger = logging.getLogger(__name__)
 

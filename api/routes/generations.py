@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from api import generations
-from api.deps import GenerationId, Reader, State, Tenant
-from api.schemas import GenerationCreate, GenerationCreated, GenerationStatus
-from api.sse import EventStreamResponse
+from tokenrelay.api import generations
+from tokenrelay.api.deps import GenerationId, Reader, State, Tenant
+from tokenrelay.api.schemas import GenerationCreate, GenerationCreated, GenerationStatus
+from tokenrelay.api.sse import EventStreamResponse
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 

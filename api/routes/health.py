@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from redis.exceptions import RedisError
 
-from api.deps import State
-from shared.errors import Unavailable
+from tokenrelay.api.deps import State
+from tokenrelay.shared.errors import Unavailable
 
 router = APIRouter(tags=["health"])
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from api.deps import State
-from api.metrics import CONTENT_TYPE, Metrics
-from shared import limits, stats
+from tokenrelay.api.deps import State
+from tokenrelay.api.metrics import CONTENT_TYPE, Metrics
+from tokenrelay.shared import limits, stats
 
 router = APIRouter(tags=["health"])
 

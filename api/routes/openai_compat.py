@@ -17,13 +17,19 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 
-from api import generations, openai_request
-from api.deps import AppState, State, Tenant
-from api.openai_errors import OpenAIError
-from api.openai_response import HEARTBEAT, ChunkStream, Completion, events_of, with_heartbeat
-from api.streaming import viewer_frames
-from shared.events import Event
-from shared.models import check_model, listed_models
+from tokenrelay.api import generations, openai_request
+from tokenrelay.api.deps import AppState, State, Tenant
+from tokenrelay.api.openai_errors import OpenAIError
+from tokenrelay.api.openai_response import (
+    HEARTBEAT,
+    ChunkStream,
+    Completion,
+    events_of,
+    with_heartbeat,
+)
+from tokenrelay.api.streaming import viewer_frames
+from tokenrelay.shared.events import Event
+from tokenrelay.shared.models import check_model, listed_models
 
 logger = logging.getLogger(__name__)
 

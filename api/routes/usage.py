@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from api.deps import State, Tenant
-from shared import usage
+from tokenrelay.api.deps import State, Tenant
+from tokenrelay.shared import usage
 
 router = APIRouter(prefix="/v1", tags=["usage"])
 

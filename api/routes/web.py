@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from shared.errors import NotFound
+from tokenrelay.shared.errors import NotFound
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 

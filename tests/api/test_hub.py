@@ -19,13 +19,13 @@ import pytest
 import uvicorn
 from redis.asyncio import Redis
 
-from api.app import create_app
-from api.deps import AppState
-from api.hub import Hub
-from shared import events as ev
-from shared import keys
-from shared.settings import Settings
-from tokenrelay_cli.redis_server import RedisServer, free_port
+from tokenrelay.api.app import create_app
+from tokenrelay.api.deps import AppState
+from tokenrelay.api.hub import Hub
+from tokenrelay.cli.redis_server import RedisServer, free_port
+from tokenrelay.shared import events as ev
+from tokenrelay.shared import keys
+from tokenrelay.shared.settings import Settings
 
 
 @dataclass

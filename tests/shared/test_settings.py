@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from shared.settings import Settings
+from tokenrelay.shared.settings import Settings
 
 
 def test_api_keys_map_keys_to_tenants(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,7 +33,7 @@ def test_stream_token_ttl_defaults_to_retention(monkeypatch: pytest.MonkeyPatch)
 
 def test_models_list_includes_configured_openai_names(monkeypatch: pytest.MonkeyPatch) -> None:
     """/v1/models lists the fake models, plus openai:NAME for each configured name."""
-    from shared.models import listed_models
+    from tokenrelay.shared.models import listed_models
 
     assert listed_models(Settings()) == ["fake:echo", "fake:lorem", "fake:error"]
     monkeypatch.setenv("TOKENRELAY_OPENAI_BASE_URL", "http://127.0.0.1:9/v1")

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from shared import events as ev
-from shared import keys, streams
-from tokenrelay_cli.redis_server import RedisServer
+from tokenrelay.cli.redis_server import RedisServer
+from tokenrelay.shared import events as ev
+from tokenrelay.shared import keys, streams
 
 
 @pytest.fixture

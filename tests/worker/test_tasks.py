@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from worker.tasks import stop_task
+from tokenrelay.worker.tasks import stop_task
 
 
 async def test_stop_task_ends_a_task_that_swallowed_a_cancel() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from shared.errors import UnknownModel
-from worker.providers.base import Chunk, Delta, Finish, GenerationRequest, Provider
+from tokenrelay.shared.errors import UnknownModel
+from tokenrelay.worker.providers.base import Chunk, Delta, Finish, GenerationRequest, Provider
 
 __all__ = ["Chunk", "Delta", "Finish", "GenerationRequest", "Provider", "Providers"]
 

@@ -13,8 +13,8 @@ import itertools
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from shared.errors import UnknownModel, UpstreamError
-from worker.providers.base import Chunk, Delta, Finish, GenerationRequest
+from tokenrelay.shared.errors import UnknownModel, UpstreamError
+from tokenrelay.worker.providers.base import Chunk, Delta, Finish, GenerationRequest
 
 LOREM = (
     "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "

@@ -12,8 +12,8 @@ from typing import Any
 import openai
 from openai import AsyncOpenAI
 
-from shared.errors import UpstreamError
-from worker.providers.base import Chunk, Delta, Finish, GenerationRequest
+from tokenrelay.shared.errors import UpstreamError
+from tokenrelay.worker.providers.base import Chunk, Delta, Finish, GenerationRequest
 
 
 class OpenAICompatProvider:

@@ -8,15 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import httpx
 from pydantic import ValidationError
 
-from tokenrelay_cli.client import DEFAULT_URL
+from tokenrelay.cli.client import DEFAULT_URL
+
+if TYPE_CHECKING:
+    from tokenrelay.shared.settings import Settings
 
 
-def _settings():  # type: ignore[no-untyped-def]
-    from shared.settings import get_settings
+def _settings() -> Settings:
+    from tokenrelay.shared.settings import get_settings
 
     try:
         return get_settings()
@@ -27,8 +31,8 @@ def _settings():  # type: ignore[no-untyped-def]
         raise SystemExit(2) from None
 
 
-def _logging(settings) -> None:  # type: ignore[no-untyped-def]
-    from shared.logs import configure
+def _logging(settings: Settings) -> None:
+    from tokenrelay.shared.logs import configure
 
     configure(settings.log_level, settings.log_format)
 
@@ -42,7 +46,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         return 2
     _logging(settings)
     uvicorn.run(
-        "api.app:create_app",
+        "tokenrelay.api.app:create_app",
         factory=True,
         host=args.host,
         port=args.port,
@@ -55,7 +59,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.main import run
+    from tokenrelay.worker.main import run
 
     settings = _settings()
     if not settings.redis_url:
@@ -71,7 +75,7 @@ def _wait_healthy(url: str, procs: list[subprocess.Popen[bytes]], timeout: float
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return
@@ -82,7 +86,7 @@ def _wait_healthy(url: str, procs: list[subprocess.Popen[bytes]], timeout: float
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from tokenrelay_cli.redis_server import RedisServer
+    from tokenrelay.cli.redis_server import RedisServer
 
     env = dict(os.environ)
     redis = None
@@ -90,7 +94,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         redis = RedisServer().start()
         env["TOKENRELAY_REDIS_URL"] = redis.url
         print(f"private redis-server at {redis.url}", flush=True)
-    me = [sys.executable, "-m", "tokenrelay_cli"]
+    me = [sys.executable, "-m", "tokenrelay"]
     procs = [
         subprocess.Popen([*me, "api", "--host", args.host, "--port", str(args.port)], env=env),
         subprocess.Popen([*me, "worker"], env=env),
@@ -119,13 +123,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from tokenrelay_cli.client import chat
+    from tokenrelay.cli.client import chat
 
     return chat(args.url, args.prompt, args.model, args.api_key, max_tokens=args.max_tokens)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from tokenrelay_cli.client import watch
+    from tokenrelay.cli.client import watch
 
     return watch(args.url, args.id, args.after, args.api_key, token=args.token)
 

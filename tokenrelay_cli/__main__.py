@@ -1,5 +1,0 @@
-import sys
-
-from tokenrelay_cli.main import main
-
-sys.exit(main())
