@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
 
-from arq.connections import RedisSettings, create_pool
 from fastapi import FastAPI
 
 from tokenrelay.api.cluster_hub import ClusterHub
@@ -25,6 +24,7 @@ from tokenrelay.api.sse import Connections
 from tokenrelay.api.streaming import EventsFastPath
 from tokenrelay.api.tokens import StreamTokens, load_secret
 from tokenrelay.shared.logs import configure as configure_logging
+from tokenrelay.shared.queue import open_queue, redis_settings
 from tokenrelay.shared.redis import create_redis
 from tokenrelay.shared.settings import Settings, get_settings
 
@@ -63,9 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise RuntimeError("TOKENRELAY_REDIS_URL is not set")
         configure_logging(settings.log_level, settings.log_format)
         redis = create_redis(settings.redis_url, "api", cluster=settings.redis_cluster)
-        queue = await create_pool(  # the queue and the control channels: never a Cluster
-            RedisSettings.from_dsn(settings.queue_url or settings.redis_url),
-            default_queue_name=settings.queue_name,
+        queue = await open_queue(  # the queue and the control channels: never a Cluster
+            redis_settings(settings.queue_url or settings.redis_url), settings.queue_name
         )
         tenants = settings.tenants_by_key()
         if not tenants:
@@ -84,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             hub=hub,
             tokens=StreamTokens(secret, settings.token_ttl_s),
             tenants_by_key=tenants,
+            metrics=app.state.metrics,
         )
         try:
             yield

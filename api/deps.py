@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from arq.connections import ArqRedis
 from fastapi import Depends, Query, Request
 from redis.asyncio import Redis
 
 from tokenrelay.api.hub import Hub
+from tokenrelay.api.metrics import Metrics
 from tokenrelay.api.tokens import StreamTokens
 from tokenrelay.shared.errors import NotFound, Unauthorized
 from tokenrelay.shared.ids import is_generation_id
+from tokenrelay.shared.queue import Queue
 from tokenrelay.shared.settings import Settings
 
 DEFAULT_TENANT = "default"
@@ -27,10 +28,11 @@ DEFAULT_TENANT = "default"
 class AppState:
     settings: Settings
     redis: Redis
-    queue: ArqRedis
+    queue: Queue
     hub: Hub
     tokens: StreamTokens
     tenants_by_key: dict[str, str]
+    metrics: Metrics
 
 
 @dataclass(frozen=True)

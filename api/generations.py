@@ -5,11 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 from typing import Any
 
-from arq.constants import job_key_prefix
-from arq.jobs import serialize_job
 from redis.exceptions import RedisError
 
 from tokenrelay.api.deps import AppState, Principal
@@ -18,7 +15,7 @@ from tokenrelay.api.schemas import ErrorInfo, GenerationCreate, GenerationCreate
 from tokenrelay.api.sse import EventStreamResponse
 from tokenrelay.api.streaming import Viewer
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import keys, limits, streams
+from tokenrelay.shared import keys, lifecycle, limits, queue, streams
 from tokenrelay.shared.errors import (
     BadRequest,
     Conflict,
@@ -32,7 +29,6 @@ from tokenrelay.shared.models import check_model
 
 logger = logging.getLogger(__name__)
 
-JOB_NAME = "generate"
 # How long a generation may wait in the queue before its concurrency slot is
 # given up on (the slot is normally released at its terminal event).
 QUEUE_ALLOWANCE_S = 600
@@ -72,53 +68,35 @@ async def create(
             if earlier is not None:  # a concurrent retry won the key
                 await _release(state, tenant, gen.id)
                 return earlier
+        job = queue.first_job(state.queue, gen.id)
         if settings.queue_shares_redis:
-            await streams.create(state.redis, gen, metadata=body.metadata,
-                                 job=_queued_job(state, gen.id))
+            # The job and the wake-up in the generation's own MULTI: four round trips
+            # off the queue hop, and never a generation without its job.
+            await streams.create(state.redis, gen, metadata=body.metadata, job=job)
         else:
             await streams.create(state.redis, gen, metadata=body.metadata)
-            await _enqueue_apart(state, gen.id)
+            await _enqueue_apart(state, job)
     except BaseException:
         await _release(state, tenant, gen.id)
         raise
+    state.metrics.created.inc()
     logger.info("created generation_id=%s model=%s tenant=%s", gen.id, gen.model, tenant)
     return _created(state, gen.id, ev.QUEUED, gen.model, gen.created_at)
 
 
-def _queued_job(state: AppState, gen_id: str) -> streams.QueuedJob:
-    """The arq job of a new generation, as ``ArqRedis.enqueue_job`` would write it.
-
-    Written with the generation in one MULTI (see ``streams.create``) instead of
-    enqueue_job's WATCH / EXISTS / MULTI and a separate PUBLISH: four round trips
-    off the queue hop. arq's duplicate check is moot for a fresh random id.
-    """
-    now_ms = int(time.time() * 1000)
-    payload = serialize_job(JOB_NAME, (gen_id,), {}, None, now_ms,
-                            serializer=state.queue.job_serializer)
-    return streams.QueuedJob(
-        queue=state.settings.queue_name, key=job_key_prefix + gen_id, payload=payload,
-        ttl_ms=state.queue.expires_extra_ms, member=gen_id, score=now_ms,
-    )
-
-
-async def _enqueue_apart(state: AppState, gen_id: str) -> None:
+async def _enqueue_apart(state: AppState, job: queue.Job) -> None:
     """Queue a recorded generation on the queue's own Redis (QUEUE_REDIS_URL, or a Cluster).
 
     If that fails, the generation ends with a retryable error rather than wait forever.
     """
-    job = _queued_job(state, gen_id)
     try:
-        async with state.queue.pipeline(transaction=True) as pipe:
-            pipe.psetex(job.key, job.ttl_ms, job.payload)
-            pipe.zadd(job.queue, {job.member: job.score})
-            pipe.publish(keys.WAKE_CHANNEL, gen_id)
-            await pipe.execute()
+        await queue.enqueue(state.queue, job)
     except (RedisError, OSError):
-        data = {"code": "unavailable", "message": "the generation could not be queued",
-                "retryable": True}
         with contextlib.suppress(RedisError, OSError):
-            await streams.finish(state.redis, gen_id, None, ev.ERROR, data,
-                                 state.settings.retention_s, {"error": ev.dumps(data)})
+            await lifecycle.Lifecycle(state.redis, state.settings.retention_s).end(
+                job.gen_id, None,
+                lifecycle.failed("unavailable", "the generation could not be queued",
+                                 retryable=True))
         raise
 
 
@@ -126,9 +104,7 @@ async def _admit(state: AppState, tenant: str, gen_id: str) -> None:
     """Queue depth (503) and the tenant's concurrency (429), both with Retry-After."""
     settings = state.settings
     # Atomic, unlike a count then an enqueue: a burst cannot overfill the queue.
-    if not await limits.reserve_queue_slot(
-        state.queue, settings.queue_name, gen_id, settings.max_queue_depth
-    ):
+    if not await queue.reserve_slot(state.queue, gen_id, settings.max_queue_depth):
         raise Unavailable("the queue is full; retry shortly", code="overloaded", retry_after=5)
     hold_s = settings.max_generation_s + QUEUE_ALLOWANCE_S
     try:
@@ -136,10 +112,10 @@ async def _admit(state: AppState, tenant: str, gen_id: str) -> None:
             state.redis, tenant, gen_id, settings.max_concurrent_per_tenant, hold_s
         )
     except BaseException:
-        await limits.release_queue_slot(state.queue, settings.queue_name, gen_id)
+        await queue.release_slot(state.queue, gen_id)
         raise
     if not admitted:
-        await limits.release_queue_slot(state.queue, settings.queue_name, gen_id)
+        await queue.release_slot(state.queue, gen_id)
         raise TooManyRequests(
             f"at most {settings.max_concurrent_per_tenant} concurrent generations per tenant",
             retry_after=2,
@@ -149,7 +125,7 @@ async def _admit(state: AppState, tenant: str, gen_id: str) -> None:
 async def _release(state: AppState, tenant: str, gen_id: str) -> None:
     """Undo ``_admit`` for a generation that was not created."""
     await limits.release(state.redis, tenant, gen_id)
-    await limits.release_queue_slot(state.queue, state.settings.queue_name, gen_id)
+    await queue.release_slot(state.queue, gen_id)
 
 
 def _job_request(body: GenerationCreate) -> dict[str, Any]:

@@ -13,14 +13,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from tokenrelay.shared.redis import text
+
 STATUS = "status"
 DELTA = "delta"
 DONE = "done"
 CANCELLED = "cancelled"
 ERROR = "error"
-
-TERMINAL_TYPES = frozenset({DONE, CANCELLED, ERROR})
-EVENT_TYPES = frozenset({STATUS, DELTA}) | TERMINAL_TYPES
 
 # Generation statuses (GET /v1/generations/{id}).
 QUEUED = "queued"
@@ -28,10 +27,14 @@ RUNNING = "running"
 RESTARTED = "restarted"
 COMPLETED = "completed"
 FAILED = "failed"
-TERMINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED})
 
-# The status a terminal event leaves a generation in.
+# The one definition of how a generation ends: each terminal event type and the
+# status it leaves the generation in. The sets below, and the Lua scripts that
+# check for an ended generation (``shared.streams``), are derived from it.
 STATUS_AFTER = {DONE: COMPLETED, CANCELLED: CANCELLED, ERROR: FAILED}
+TERMINAL_TYPES = frozenset(STATUS_AFTER)
+TERMINAL_STATUSES = frozenset(STATUS_AFTER.values())
+EVENT_TYPES = frozenset({STATUS, DELTA}) | TERMINAL_TYPES
 
 RETRY_FRAME = b"retry: 1000\n\n"
 
@@ -81,14 +84,10 @@ def entry_fields(event_type: str, data: dict[str, Any]) -> dict[str, str]:
     return {"t": event_type, "d": dumps(data)}
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def decode_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
     """Turn an XRANGE/XREAD entry into an Event."""
-    norm = {_text(k): _text(v) for k, v in fields.items()}
-    return Event(_text(entry_id), norm["t"], json.loads(norm["d"]))
+    norm = {text(k): text(v) for k, v in fields.items()}
+    return Event(text(entry_id), norm["t"], json.loads(norm["d"]))
 
 
 def encode_sse(entry_id: str, event_type: str, data_json: str) -> bytes:
@@ -102,9 +101,9 @@ def encode_event(event: Event) -> bytes:
 
 def frame_of_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> tuple[str, str, bytes]:
     """(id, type, SSE frame) of a raw stream entry, without parsing its JSON."""
-    eid = _text(entry_id)
-    etype = _text(fields[b"t"] if b"t" in fields else fields["t"])
-    data = _text(fields[b"d"] if b"d" in fields else fields["d"])
+    eid = text(entry_id)
+    etype = text(fields[b"t"] if b"t" in fields else fields["t"])
+    data = text(fields[b"d"] if b"d" in fields else fields["d"])
     return eid, etype, encode_sse(eid, etype, data)
 
 

@@ -1,18 +1,36 @@
-"""Redis client factories: one place that sets names, timeouts and retries."""
+"""Redis plumbing: client factories, replies as text, Lua scripts, riding out an outage.
+
+One place sets client names, timeouts and retries (``create_redis``); every Lua
+script runs through ``Script``; every loop that waits for Redis to come back
+sleeps with ``Backoff``; a write that must not be lost goes through ``retrying``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import inspect
-from collections.abc import Awaitable
-from typing import TypeVar, cast
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+logger = logging.getLogger(__name__)
+
 T = TypeVar("T")
+
+# What "Redis is unreachable for now" looks like: worth waiting out, unlike a script error.
+OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+# How long a worker keeps retrying a write while Redis is unreachable.
+OUTAGE_RETRY_S = 60.0
 
 
 def create_redis(url: str, process_name: str, *, max_connections: int = 200,
@@ -76,3 +94,80 @@ async def awaited(result: Awaitable[T] | T) -> T:
     and asyncio clients); on the asyncio client they are always awaitable.
     """
     return await result if inspect.isawaitable(result) else result
+
+
+def text(value: bytes | str | Any) -> str:
+    """A reply as ``str``: clients made without ``decode_responses`` answer bytes."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def lua_set(values: Iterable[str]) -> str:
+    """A Lua table literal to test membership with (``if SET[x] then``), so a script
+    shares its list of names with the Python definition instead of repeating it."""
+    return "{" + ", ".join(f"[{json.dumps(v)}]=true" for v in sorted(values)) + "}"
+
+
+class Script:
+    """A Lua script: sent in full the first time, then run by its SHA1 (EVALSHA).
+
+    A server that does not know it (another server, a restart, SCRIPT FLUSH) gets
+    the body again in the same call, so no call costs an extra round trip but the
+    first on a new server.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self._sent = False
+
+    async def __call__(self, redis: Redis, keys: Sequence[str], *args: Any) -> Any:
+        if self._sent:
+            try:
+                return await awaited(redis.evalsha(self.sha, len(keys), *keys, *args))
+            except NoScriptError:
+                pass
+        self._sent = True  # EVAL also caches the script on the server
+        return await awaited(redis.eval(self.source, len(keys), *keys, *args))
+
+
+class Backoff:
+    """Delays between attempts while Redis is away: ``first``, doubling up to ``cap``."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self.first = first
+        self.cap = cap
+        self.delay = first
+
+    def reset(self) -> None:
+        """Redis answered: the next outage starts from the first delay again."""
+        self.delay = self.first
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.cap)
+
+
+async def retrying(call: Callable[[], Awaitable[T]], gen_id: str,
+                   within_s: float = OUTAGE_RETRY_S) -> T:
+    """Run ``call``, again with backoff while Redis is unreachable, for up to ``within_s``.
+
+    Only for calls that are safe to repeat (fenced or idempotent writes, reads).
+    """
+    try:
+        return await call()  # the usual case, without the set-up below
+    except OUTAGE_ERRORS as exc:
+        if within_s <= 0:
+            raise
+        failure = exc
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    backoff = Backoff(0.05, 1.0)
+    while True:
+        logger.warning("redis write failed (%s); retrying generation_id=%s", failure, gen_id)
+        await backoff.sleep()
+        try:
+            return await call()
+        except OUTAGE_ERRORS as exc:
+            if loop.time() >= deadline:
+                raise
+            failure = exc

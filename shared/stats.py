@@ -11,7 +11,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from tokenrelay.shared import keys
-from tokenrelay.shared.redis import awaited
+from tokenrelay.shared.redis import awaited, text
 
 BUCKETS: dict[str, tuple[float, ...]] = {
     "queue_wait_seconds": (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
@@ -53,4 +53,4 @@ async def record(
 
 async def snapshot(redis: Redis) -> dict[str, float]:
     raw = await awaited(redis.hgetall(keys.STATS))
-    return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+    return {text(k): float(v) for k, v in raw.items()}

@@ -14,29 +14,30 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import keys
-from tokenrelay.shared.redis import awaited
+from tokenrelay.shared import keys, queue
+from tokenrelay.shared.redis import Script, lua_set, text
 
-_TERMINAL_LUA = "st == 'completed' or st == 'failed' or st == 'cancelled'"
+# Scripts open with ``if TERMINAL[st]``: an ended generation's statuses, from shared.events.
+_TERMINAL = f"local TERMINAL = {lua_set(ev.TERMINAL_STATUSES)}"
 
 # KEYS: meta events ; ARGV: ttl first_type first_data [field value ...]
-_CREATE = """
+_CREATE = Script("""
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 local id = redis.call('XADD', KEYS[2], '*', 't', ARGV[2], 'd', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return id
-"""
+""")
 
 # KEYS: meta events content ; ARGV: attempt now ttl run
 # ``run`` (random per job run) lets a retried start whose reply was lost find itself.
-_START = f"""
+_START = Script(f"""
+{_TERMINAL}
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {{0, 'missing'}} end
-if {_TERMINAL_LUA} then return {{0, st}} end
+if TERMINAL[st] then return {{0, st}} end
 local m = redis.call('HMGET', KEYS[1], 'attempt', 'run')
 local prev = tonumber(m[1] or '0')
 if tonumber(ARGV[1]) == prev and m[2] == ARGV[4] then return {{1, 'already'}} end
@@ -49,12 +50,12 @@ if st == 'running' then
     '{{"status":"restarted","attempt":' .. ARGV[1] .. '}}')
 end
 return {{1, redis.call('XADD', KEYS[2], '*', 't', 'status', 'd', '{{"status":"running"}}')}}
-"""
+""")
 
 # KEYS: meta events content ; ARGV: attempt data_json text seq
 # ``seq`` makes a retried append idempotent: a delta whose reply was lost (Redis
 # went away after running the script) is not appended twice.
-_DELTA = """
+_DELTA = Script("""
 local m = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'seq')
 if m[1] ~= 'running' or m[2] ~= ARGV[1] then return false end
 if tonumber(m[3] or '0') >= tonumber(ARGV[4]) then return 'dup' end
@@ -62,15 +63,16 @@ local id = redis.call('XADD', KEYS[2], '*', 't', 'delta', 'd', ARGV[2])
 if ARGV[3] ~= '' then redis.call('APPEND', KEYS[3], ARGV[3]) end
 redis.call('HSET', KEYS[1], 'seq', ARGV[4])
 return id
-"""
+""")
 
 # KEYS: meta events content cancel ; ARGV: attempt('' = any) type data_json status now
 #        retention [field value ...]
-_FINISH = f"""
+_FINISH = Script(f"""
+{_TERMINAL}
 local m = redis.call('HMGET', KEYS[1], 'status', 'attempt')
 local st = m[1]
 if not st then return false end
-if {_TERMINAL_LUA} then return false end
+if TERMINAL[st] then return false end
 if ARGV[1] ~= '' and m[2] ~= ARGV[1] then return false end
 local id = redis.call('XADD', KEYS[2], '*', 't', ARGV[2], 'd', ARGV[3])
 redis.call('HSET', KEYS[1], 'status', ARGV[4], 'finished_at', ARGV[5])
@@ -80,39 +82,25 @@ redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
 redis.call('DEL', KEYS[4])
 return id
-"""
+""")
 
 # KEYS: meta events content cancel ; ARGV: tenant now retention ttl
-_CANCEL = f"""
+_CANCEL = Script(f"""
+{_TERMINAL}
 local m = redis.call('HMGET', KEYS[1], 'status', 'tenant')
 local st = m[1]
 if not st or m[2] ~= ARGV[1] then return 'missing' end
-if {_TERMINAL_LUA} then return 'ended' end
+if TERMINAL[st] then return 'ended' end
 if st == 'queued' then
-  redis.call('XADD', KEYS[2], '*', 't', 'cancelled', 'd', '{{}}')
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2])
+  redis.call('XADD', KEYS[2], '*', 't', '{ev.CANCELLED}', 'd', '{{}}')
+  redis.call('HSET', KEYS[1], 'status', '{ev.STATUS_AFTER[ev.CANCELLED]}', 'finished_at', ARGV[2])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
   return 'cancelled'
 end
 redis.call('SET', KEYS[4], '1', 'EX', ARGV[4])
 return 'requested'
-"""
-
-
-_SHAS: dict[str, str] = {}
-
-
-async def _run(redis: Redis, script: str, keys_: list[str], *args: Any) -> Any:
-    """EVALSHA with a one-time SCRIPT LOAD fallback, so the script body is sent once."""
-    sha = _SHAS.get(script)
-    if sha is not None:
-        try:
-            return await awaited(redis.evalsha(sha, len(keys_), *keys_, *args))
-        except NoScriptError:
-            pass
-    sha = _SHAS[script] = _text(await awaited(redis.script_load(script)))
-    return await awaited(redis.evalsha(sha, len(keys_), *keys_, *args))
+""")
 
 
 def now() -> float:
@@ -121,10 +109,6 @@ def now() -> float:
 
 def _gen_keys(gen_id: str) -> list[str]:
     return [keys.meta(gen_id), keys.events(gen_id), keys.content(gen_id), keys.cancel(gen_id)]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,32 +120,15 @@ class NewGeneration:
     created_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class QueuedJob:
-    """A queue entry written in the same transaction as the generation (one round trip).
-
-    ``key``/``payload`` are the job record as the queue library stores it and
-    ``member``/``score`` its entry in the ``queue`` sorted set; after the write, the
-    generation id is published on ``keys.WAKE_CHANNEL`` so an idle worker polls now.
-    """
-
-    queue: str
-    key: str
-    payload: bytes
-    ttl_ms: int
-    member: str
-    score: int
-
-
 async def create(
     redis: Redis, gen: NewGeneration, metadata: dict[str, str] | None = None,
-    job: QueuedJob | None = None,
+    job: queue.Job | None = None,
 ) -> str:
     """Write a generation's status and its first event (``status: queued``); return its id.
 
-    With ``job``, also enqueue it and wake the workers, atomically and in the same
-    round trip: a generation is never recorded without its job, and the queue hop
-    costs one round trip instead of five.
+    With ``job`` (``queue.first_job``: the queue shares this Redis), also enqueue it
+    and wake the workers, atomically and in the same round trip: a generation is never
+    recorded without its job, and the queue hop costs one round trip instead of five.
     """
     mapping = {
         "status": ev.QUEUED,
@@ -178,21 +145,18 @@ async def create(
         # One script on the generation's slot: atomic on a plain Redis and on a Cluster,
         # whose client has no MULTI. The job then goes to the queue's own Redis.
         fields = [item for pair in mapping.items() for item in pair]
-        created = await _run(redis, _CREATE, _gen_keys(gen.id)[:2], keys.PENDING_TTL_S,
-                             first_event["t"], first_event["d"], *fields)
-        return _text(created)
+        created = await _CREATE(redis, _gen_keys(gen.id)[:2], keys.PENDING_TTL_S,
+                                first_event["t"], first_event["d"], *fields)
+        return text(created)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(keys.meta(gen.id), mapping=mapping)
         pipe.expire(keys.meta(gen.id), keys.PENDING_TTL_S)
         first: dict[Any, Any] = first_event
         pipe.xadd(keys.events(gen.id), first)
         pipe.expire(keys.events(gen.id), keys.PENDING_TTL_S)
-        if job is not None:
-            pipe.psetex(job.key, job.ttl_ms, job.payload)
-            pipe.zadd(job.queue, {job.member: job.score})
-            pipe.publish(keys.WAKE_CHANNEL, gen.id)
+        queue.add(pipe, job)
         results = await pipe.execute()
-    return _text(results[2])
+    return text(results[2])
 
 
 async def start(
@@ -204,11 +168,11 @@ async def start(
     or already claimed by another run of this or a newer attempt. Called again with
     the same ``run`` (its reply was lost), it reports started.
     """
-    ok, detail = await _run(
-        redis, _START, _gen_keys(gen_id)[:3], attempt, now(), keys.PENDING_TTL_S,
+    ok, detail = await _START(
+        redis, _gen_keys(gen_id)[:3], attempt, now(), keys.PENDING_TTL_S,
         run or secrets.token_hex(8),
     )
-    return bool(ok), _text(detail)
+    return bool(ok), text(detail)
 
 
 async def append_delta(
@@ -217,8 +181,8 @@ async def append_delta(
     """Append delta number ``seq`` (1, 2, … per attempt); False if this attempt may no
     longer write (fenced or ended). Retrying the same ``seq`` never appends twice."""
     text = data.get("content") or ""
-    result = await _run(
-        redis, _DELTA, _gen_keys(gen_id)[:3], attempt, ev.dumps(data), text, seq
+    result = await _DELTA(
+        redis, _gen_keys(gen_id)[:3], attempt, ev.dumps(data), text, seq
     )
     return result is not None
 
@@ -236,9 +200,8 @@ async def finish(
     extra: list[str] = []
     for name, value in (fields or {}).items():
         extra += [name, value]
-    result = await _run(
+    result = await _FINISH(
         redis,
-        _FINISH,
         _gen_keys(gen_id),
         "" if attempt is None else attempt,
         event_type,
@@ -253,10 +216,10 @@ async def finish(
 
 async def request_cancel(redis: Redis, gen_id: str, tenant: str, retention_s: int) -> str:
     """'cancelled' (was queued, ended now), 'requested' (worker will stop), 'ended', 'missing'."""
-    result = await _run(
-        redis, _CANCEL, _gen_keys(gen_id), tenant, now(), retention_s, keys.PENDING_TTL_S
+    result = await _CANCEL(
+        redis, _gen_keys(gen_id), tenant, now(), retention_s, keys.PENDING_TTL_S
     )
-    return _text(result)
+    return text(result)
 
 
 async def read_after(
@@ -278,5 +241,5 @@ async def read_status(redis: Redis, gen_id: str) -> tuple[dict[str, str], str] |
         raw_meta, raw_content = await pipe.execute()
     if not raw_meta:
         return None
-    meta = {_text(k): _text(v) for k, v in raw_meta.items()}
-    return meta, _text(raw_content) if raw_content is not None else ""
+    meta = {text(k): text(v) for k, v in raw_meta.items()}
+    return meta, text(raw_content) if raw_content is not None else ""

@@ -10,32 +10,29 @@ it again is harmless. The totals and the marker share the tenant's hash tag.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys
+from tokenrelay.shared.redis import Script, awaited, text
 
-TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 STATUS_PREFIX = "generations:"
 # The marker outlives the generation's own keys (RETENTION_S), so no re-run can count it again.
 MARKER_SLACK_S = 3600
 
 # KEYS: totals marker ; ARGV: marker_ttl status prompt completion total
-_RECORD = """
+_RECORD = Script("""
 if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 redis.call('HINCRBY', KEYS[1], 'generations:' .. ARGV[2], 1)
 redis.call('HINCRBY', KEYS[1], 'prompt_tokens', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'completion_tokens', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'total_tokens', ARGV[5])
 return 1
-"""
-_RECORD_SHA = hashlib.sha1(_RECORD.encode()).hexdigest()
+""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,35 +50,23 @@ def _tokens(usage: dict[str, Any]) -> tuple[int, int, int]:
     return prompt, completion, total
 
 
-def _text(value: Any) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 async def record(redis: Redis, gen_id: str, retention_s: int) -> bool:
     """Add an ended generation to its tenant's totals; False if not ended or counted already."""
-    # (redis-py 5 types async replies as `Awaitable[T] | T`: hence the ignores below.)
-    raw = await redis.hmget(keys.meta(gen_id), ["tenant", "status", "usage"])  # type: ignore[misc]
-    tenant, status, usage = (_text(v) for v in raw)
+    raw = await awaited(redis.hmget(keys.meta(gen_id), ["tenant", "status", "usage"]))
+    tenant, status, usage = (None if v is None else text(v) for v in raw)
     if tenant is None or status not in ev.TERMINAL_STATUSES:
         return False
     prompt, completion, total = _tokens((json.loads(usage) if usage else None) or {})
     script_keys = [keys.usage(tenant), keys.usage_counted(tenant, gen_id)]
     args = [str(retention_s + MARKER_SLACK_S), status, str(prompt), str(completion), str(total)]
-    try:
-        counted = await redis.evalsha(  # type: ignore[misc]
-            _RECORD_SHA, len(script_keys), *script_keys, *args
-        )
-    except NoScriptError:
-        counted = await redis.eval(  # type: ignore[misc]
-            _RECORD, len(script_keys), *script_keys, *args
-        )
+    counted = await _RECORD(redis, script_keys, *args)
     return bool(counted)
 
 
 async def totals(redis: Redis, tenant: str) -> Totals:
     """A tenant's totals so far (zeros for a tenant with no ended generation)."""
-    raw = await redis.hgetall(keys.usage(tenant))  # type: ignore[misc]
-    values = {_text(k): int(v) for k, v in raw.items()}
+    raw = await awaited(redis.hgetall(keys.usage(tenant)))
+    values = {text(k): int(v) for k, v in raw.items()}
     generations = {status: values.get(STATUS_PREFIX + status, 0)
                    for status in sorted(ev.TERMINAL_STATUSES)}
     return Totals(

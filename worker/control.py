@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from tokenrelay.shared import keys
+from tokenrelay.shared.redis import Backoff, text
 from tokenrelay.worker.tasks import stop_tasks
 
 logger = logging.getLogger(__name__)
@@ -62,12 +63,12 @@ class Control:
                 event.set()
 
     async def _listen(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             pubsub = self._channels.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(keys.WAKE_CHANNEL, keys.CANCEL_CHANNEL)
-                backoff = 0.1
+                backoff.reset()
                 self.wake.set()  # we may have missed wake-ups while (re)connecting
                 while True:
                     message = await pubsub.get_message(timeout=None)
@@ -75,14 +76,13 @@ class Control:
                         continue
                     channel = message["channel"]
                     if channel in (keys.CANCEL_CHANNEL, keys.CANCEL_CHANNEL.encode()):
-                        data = message["data"]
-                        self._cancel(data.decode() if isinstance(data, bytes) else str(data))
+                        self._cancel(text(message["data"]))
                     else:
                         self.wake.set()
             except (RedisError, OSError) as exc:
-                logger.warning("control channel lost (%s); reconnecting in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                logger.warning("control channel lost (%s); reconnecting in %.1fs", exc,
+                               backoff.delay)
+                await backoff.sleep()
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -18,14 +18,13 @@ import os
 import secrets
 from typing import Any
 
-from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import keys, limits, streams
-from tokenrelay.shared.redis import awaited
-from tokenrelay.shared.usage import record as count_usage
+from tokenrelay.shared import keys, lifecycle, queue
+from tokenrelay.shared.lifecycle import Lifecycle
+from tokenrelay.shared.redis import awaited, text
 from tokenrelay.worker.tasks import stop_tasks
 
 logger = logging.getLogger(__name__)
@@ -33,30 +32,17 @@ logger = logging.getLogger(__name__)
 ALIVE_TTL_S = 4
 RENEW_EVERY_S = 1.0
 REAP_EVERY_S = 1.0
-JOB_NAME = "generate"
-
-
-def job_id(gen_id: str, attempt: int) -> str:
-    """arq job id of an attempt: the first is the generation id, later ones are suffixed."""
-    return gen_id if attempt == 1 else f"{gen_id}:a{attempt}"
-
-
-async def enqueue_attempt(queue: ArqRedis, redis: Redis, gen_id: str, attempt: int) -> None:
-    """Queue ``attempt`` of a generation and wake the workers."""
-    await queue.enqueue_job(JOB_NAME, gen_id, attempt, _job_id=job_id(gen_id, attempt))
-    await queue.publish(keys.WAKE_CHANNEL, gen_id)  # workers listen on the queue's Redis
 
 
 class Lease:
-    def __init__(self, redis: Redis, queue: ArqRedis, max_attempts: int, retention_s: int):
+    def __init__(self, redis: Redis, queue_: queue.Queue, ends: Lifecycle, max_attempts: int):
         # The pid makes logs and `tr:running` readable; the random part keeps ids unique.
         self.worker_id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._redis = redis
-        self._queue = queue
+        self._queue = queue_
+        self._ends = ends
         self._max_attempts = max_attempts
-        self._retention_s = retention_s
         self._tasks: list[asyncio.Task[None]] = []
-        self.reaped = 0
 
     def start(self) -> None:
         self._tasks = [
@@ -76,7 +62,7 @@ class Lease:
     async def release(self, gen_id: str, attempt: int) -> None:
         """Forget the generation, unless a newer attempt (elsewhere) took it over."""
         current = await awaited(self._redis.hget(keys.RUNNING, gen_id))
-        if current is not None and _text(current) == f"{self.worker_id} {attempt}":
+        if current is not None and text(current) == f"{self.worker_id} {attempt}":
             await awaited(self._redis.hdel(keys.RUNNING, gen_id))
 
     async def _renew(self) -> None:
@@ -103,7 +89,7 @@ class Lease:
         running: dict[Any, Any] = await awaited(self._redis.hgetall(keys.RUNNING))
         if not running:
             return 0
-        entries = [(_text(g), *_text(v).split()) for g, v in running.items()]
+        entries = [(text(g), *text(v).split()) for g, v in running.items()]
         async with self._redis.pipeline(transaction=False) as pipe:
             for _, worker_id, _ in entries:
                 pipe.exists(keys.worker_alive(worker_id))
@@ -116,27 +102,18 @@ class Lease:
 
     async def _recover(self, gen_id: str, worker_id: str, attempt: int) -> int:
         meta = await awaited(self._redis.hmget(keys.meta(gen_id), ["status", "attempt"]))
-        status, current = _text(meta[0]) if meta[0] else None, meta[1]
-        if status is None or status in ev.TERMINAL_STATUSES or _text(current) != str(attempt):
+        status = text(meta[0]) if meta[0] else None
+        if status is None or status in ev.TERMINAL_STATUSES or text(meta[1]) != str(attempt):
             # Ended, expired, or already taken over: only the bookkeeping is stale.
             await awaited(self._redis.hdel(keys.RUNNING, gen_id))
             return 0
         if attempt >= self._max_attempts:
             logger.error("worker lost %d times, giving up generation_id=%s", attempt, gen_id)
-            data = {"code": "worker_lost", "retryable": True,
-                    "message": f"the worker was lost {attempt} times"}
-            if await streams.finish(self._redis, gen_id, attempt, ev.ERROR, data,
-                                    self._retention_s, {"error": ev.dumps(data)}):
-                await count_usage(self._redis, gen_id, self._retention_s)
-                await limits.release_generation(self._redis, gen_id)
+            await self._ends.end(gen_id, attempt, lifecycle.failed(
+                "worker_lost", f"the worker was lost {attempt} times", retryable=True))
             await awaited(self._redis.hdel(keys.RUNNING, gen_id))
         else:
             logger.warning("worker %s lost; restarting generation_id=%s attempt=%d",
                            worker_id, gen_id, attempt + 1)
-            await enqueue_attempt(self._queue, self._redis, gen_id, attempt + 1)
-        self.reaped += 1
+            await queue.enqueue_attempt(self._queue, gen_id, attempt + 1)
         return 1
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -13,34 +13,17 @@ import contextlib
 import logging
 from typing import Any
 
-from arq.connections import RedisSettings
-from arq.constants import in_progress_key_prefix
-from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
-from tokenrelay.shared.redis import create_redis
+from tokenrelay.shared import queue
+from tokenrelay.shared.redis import Backoff
 from tokenrelay.shared.settings import Settings
-from tokenrelay.worker.control import Control
+from tokenrelay.worker.context import WorkerContext
 from tokenrelay.worker.jobs import generate
-from tokenrelay.worker.lease import Lease
-from tokenrelay.worker.providers import Providers
-from tokenrelay.worker.providers.fake import FakeProvider
-from tokenrelay.worker.providers.openai_compat import OpenAICompatProvider
 
 logger = logging.getLogger(__name__)
 
-# Claim a queued job (KEYS: in-progress key, queue; ARGV: job id, now ms, timeout ms):
-# its score if it was free, queued and due, else nil. arq's rule, in one step.
-_CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
-redis.call('PSETEX', KEYS[1], ARGV[3], '1')
-return score
-"""
-
-JOB_NAME = "generate"
 # Slack between the generation's own limit (a terminal `timeout` event) and
 # arq's hard job timeout, so ours always fires first.
 JOB_TIMEOUT_SLACK_S = 30
@@ -71,59 +54,38 @@ class TokenRelayWorker(Worker):
                 return None
             self.job_counter = self.job_counter + 1
             job_id = job_id_b.decode()
-            score = await self.pool.eval(  # type: ignore[misc]
-                _CLAIM, 2, in_progress_key_prefix + job_id, self.queue_name, job_id,
-                str(timestamp_ms()), str(int(self.in_progress_timeout_s * 1000)),
-            )
+            score = await queue.claim(self.pool, self.queue_name, job_id,
+                                      self.in_progress_timeout_s)
             if score is None:  # running elsewhere, finished, or re-queued for later
                 self.job_counter = self.job_counter - 1
                 self.sem.release()
                 logger.debug("job %s already running elsewhere", job_id)
                 continue
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task = self.loop.create_task(self.run_job(job_id, score))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
 
     async def main(self) -> None:
         if self._pool is None:
-            from arq.connections import create_pool
-
-            self._pool = await create_pool(
-                self.redis_settings,
-                job_deserializer=self.job_deserializer,
-                job_serializer=self.job_serializer,
-                default_queue_name=self.queue_name,
-                expires_extra_ms=self.expires_extra_ms,
-            )
+            self._pool = await queue.open_queue(self.redis_settings, self.queue_name)
         logger.info("worker starting: %s", ", ".join(self.functions))
         self.ctx["redis"] = self.pool
         if self.on_startup:
             await self.on_startup(self.ctx)
-        control: Control = self.ctx["control"]
-        self._wake = control.wake
-        backoff = self.poll_delay_s
+        self._wake = WorkerContext.of(self.ctx).control.wake
+        backoff = Backoff(self.poll_delay_s, 5.0)
         while True:
             self._wake.clear()
             try:
                 await self._poll_iteration()
-                backoff = self.poll_delay_s
+                backoff.reset()
             except (RedisError, OSError) as exc:
                 # arq would let this end the worker; ride out a Redis outage instead.
-                logger.warning("queue poll failed (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                logger.warning("queue poll failed (%s); retrying in %.1fs", exc, backoff.delay)
+                await backoff.sleep()
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
-
-
-def build_providers(settings: Settings) -> Providers:
-    return Providers(
-        {
-            "fake": FakeProvider(tps=settings.fake_tps, ttft_s=settings.fake_ttft_ms / 1000),
-            "openai": OpenAICompatProvider(settings.openai_base_url, settings.openai_api_key),
-        }
-    )
 
 
 def create_worker(settings: Settings, concurrency: int | None = None) -> TokenRelayWorker:
@@ -132,34 +94,22 @@ def create_worker(settings: Settings, concurrency: int | None = None) -> TokenRe
     redis_url = settings.redis_url
 
     async def on_startup(ctx: dict[str, Any]) -> None:
-        ctx["settings"] = settings
-        ctx["tr_redis"] = create_redis(redis_url, "worker", cluster=settings.redis_cluster,
-                                       patient=True)
-        ctx["providers"] = build_providers(settings)
-        # Wake-ups and cancels arrive on the queue's Redis (pub/sub); flags live with the streams.
-        ctx["control"] = Control(ctx["tr_redis"], channels=ctx["redis"])
-        ctx["control"].start()
-        ctx["lease"] = Lease(ctx["tr_redis"], ctx["redis"], settings.max_attempts,
-                             settings.retention_s)
-        ctx["lease"].start()
+        WorkerContext.open(settings, redis_url, ctx["redis"]).attach(ctx)
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
-        await ctx["lease"].stop()
-        await ctx["control"].stop()
-        await ctx["providers"].aclose()
-        await ctx["tr_redis"].aclose()
+        await WorkerContext.of(ctx).close()
 
     return TokenRelayWorker(
         functions=[
             func(
                 generate,
-                name=JOB_NAME,
+                name=queue.JOB_NAME,
                 timeout=settings.max_generation_s + JOB_TIMEOUT_SLACK_S,
                 max_tries=3,
             )
         ],
         queue_name=settings.queue_name,
-        redis_settings=RedisSettings.from_dsn(settings.queue_url or redis_url),
+        redis_settings=queue.redis_settings(settings.queue_url or redis_url),
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         max_jobs=concurrency or settings.worker_concurrency,

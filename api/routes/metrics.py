@@ -7,7 +7,7 @@ from fastapi.responses import Response
 
 from tokenrelay.api.deps import State
 from tokenrelay.api.metrics import CONTENT_TYPE, Metrics
-from tokenrelay.shared import limits, stats
+from tokenrelay.shared import queue, stats
 
 router = APIRouter(tags=["health"])
 
@@ -18,5 +18,5 @@ async def metrics(request: Request, state: State) -> Response:
     registry: Metrics = request.app.state.metrics
     registry.observe_hub(state.hub)
     snapshot = await stats.snapshot(state.redis)
-    snapshot["queue_depth"] = await limits.queue_depth(state.queue, state.settings.queue_name)
+    snapshot["queue_depth"] = await queue.depth(state.queue)
     return Response(registry.render(snapshot), media_type=CONTENT_TYPE)
