@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from tokenrelay.cli.redis_server import RedisServer
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import keys, streams
+from tokenrelay.shared import keys, queue, streams
 
 
 @pytest.fixture
@@ -110,3 +110,30 @@ async def test_retried_append_is_not_duplicated(client: Redis) -> None:
     _, content = await streams.read_status(client, gen_id)  # type: ignore[misc]
     assert content == "ab"
     assert await _types(client, gen_id) == ["status", "status", "delta", "delta"]
+
+
+async def test_create_with_a_job_queues_it_in_the_same_transaction(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    """Creating with a job writes the generation, the arq job and its queue entry together."""
+    pool = await queue.open_queue(queue.redis_settings(redis_server.url), "tr:test-queue")
+    try:
+        gen_id = "gen_" + "e" * 32
+        job = queue.first_job(pool, gen_id)
+        await streams.create(client, streams.NewGeneration(gen_id, "t1", "fake:echo", {}, 1.0),
+                             job=job)
+        assert await _types(client, gen_id) == ["status"]
+        assert await queue.depth(pool) == 1
+        assert await queue.claim(pool, "tr:test-queue", gen_id, 30) == job.score
+    finally:
+        await pool.aclose()
+
+
+async def test_every_script_knows_the_terminal_statuses(client: Redis) -> None:
+    """Each terminal status (from shared.events) stops start, finish and cancel alike."""
+    for n, status in enumerate(sorted(ev.TERMINAL_STATUSES)):
+        gen_id = await _new(client, f"gen_{n:032d}")
+        await client.hset(keys.meta(gen_id), "status", status)
+        assert await streams.start(client, gen_id, 1) == (False, status)
+        assert not await streams.finish(client, gen_id, None, ev.DONE, {}, 60)
+        assert await streams.request_cancel(client, gen_id, "t1", 60) == "ended"

@@ -1,0 +1,111 @@
+"""Redis plumbing: replies as text, scripts, Lua sets, backoff and retrying through an outage."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from tokenrelay.cli.redis_server import RedisServer
+from tokenrelay.shared import events as ev
+from tokenrelay.shared.redis import Backoff, Script, lua_set, retrying, text
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    r = Redis.from_url(redis_server.url)
+    yield r
+    await r.aclose()
+
+
+def test_text_decodes_bytes_and_passes_str() -> None:
+    """Replies of a bytes client and of a decoding client read the same."""
+    assert text(b"caf\xc3\xa9") == "café"
+    assert text("café") == "café"
+    assert text(7) == "7"
+
+
+async def test_a_script_survives_the_server_forgetting_it(client: Redis) -> None:
+    """A script runs, is cached by the server, and runs again after SCRIPT FLUSH."""
+    script = Script("return {KEYS[1], ARGV[1]}")
+    assert await script(client, ["k"], "v") == [b"k", b"v"]
+    assert (await client.script_exists(script.sha)) == [True]
+    assert await script(client, ["k2"], "v2") == [b"k2", b"v2"]
+    await client.script_flush()
+    assert await script(client, ["k3"], "v3") == [b"k3", b"v3"]
+
+
+async def test_a_script_error_is_raised(client: Redis) -> None:
+    """A failing script raises; it is not mistaken for a missing one."""
+    script = Script("return redis.call('INCR', KEYS[1])")
+    await client.set("not-a-number", "x")
+    for _ in range(2):  # once by EVAL, once by EVALSHA
+        with pytest.raises(ResponseError):
+            await script(client, ["not-a-number"])
+
+
+async def test_lua_set_holds_exactly_the_terminal_statuses(client: Redis) -> None:
+    """The Lua set built from shared.events answers membership as the Python set does."""
+    member = Script(f"local S = {lua_set(ev.TERMINAL_STATUSES)}\n"
+                    "if S[ARGV[1]] then return 1 else return 0 end")
+    for status in (*ev.TERMINAL_STATUSES, ev.QUEUED, ev.RUNNING, "Completed", ""):
+        assert await member(client, [], status) == (status in ev.TERMINAL_STATUSES), status
+
+
+async def test_backoff_doubles_up_to_its_cap_and_resets() -> None:
+    """Delays double from the first up to the cap; a reset starts over."""
+    backoff = Backoff(0.001, 0.004)
+    delays = []
+    for _ in range(4):
+        delays.append(backoff.delay)
+        await backoff.sleep()
+    assert delays == [0.001, 0.002, 0.004, 0.004]
+    backoff.reset()
+    assert backoff.delay == 0.001
+
+
+async def test_retrying_rides_out_connection_errors() -> None:
+    """A call that fails while Redis is away is repeated until it succeeds."""
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise RedisConnectionError("down")
+        return "ok"
+
+    assert await retrying(flaky, "gen_x", within_s=5) == "ok"
+    assert calls == 3
+
+
+async def test_retrying_gives_up_after_its_window_and_never_retries_other_errors() -> None:
+    """With no window the first outage error is raised; a script error is never retried."""
+    calls = 0
+
+    async def down() -> None:
+        nonlocal calls
+        calls += 1
+        raise RedisConnectionError("down")
+
+    with pytest.raises(RedisConnectionError):
+        await retrying(down, "gen_x", within_s=0)
+    assert calls == 1
+
+    async def broken() -> None:
+        nonlocal calls
+        calls += 1
+        raise ResponseError("bad script")
+
+    with pytest.raises(ResponseError):
+        await retrying(broken, "gen_x", within_s=5)
+    assert calls == 2
+
+    calls = 0
+    with pytest.raises(RedisConnectionError):
+        await asyncio.wait_for(retrying(down, "gen_x", within_s=0.2), 5)
+    assert calls > 1
