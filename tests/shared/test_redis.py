@@ -68,44 +68,43 @@ async def test_backoff_doubles_up_to_its_cap_and_resets() -> None:
     assert backoff.delay == 0.001
 
 
-async def test_retrying_rides_out_connection_errors() -> None:
-    """A call that fails while Redis is away is repeated until it succeeds."""
-    calls = 0
+class Failing:
+    """A call that raises ``error`` its first ``times`` calls, then answers "ok"."""
 
-    async def flaky() -> str:
-        nonlocal calls
-        calls += 1
-        if calls < 3:
-            raise RedisConnectionError("down")
+    def __init__(self, error: Exception, times: int = 1_000_000) -> None:
+        self.error = error
+        self.times = times
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.times:
+            raise self.error
         return "ok"
 
+
+async def test_retrying_rides_out_connection_errors() -> None:
+    """A call that fails while Redis is away is repeated until it succeeds."""
+    flaky = Failing(RedisConnectionError("down"), times=2)
     assert await retrying(flaky, "gen_x", within_s=5) == "ok"
-    assert calls == 3
+    assert flaky.calls == 3
 
 
-async def test_retrying_gives_up_after_its_window_and_never_retries_other_errors() -> None:
-    """With no window the first outage error is raised; a script error is never retried."""
-    calls = 0
-
-    async def down() -> None:
-        nonlocal calls
-        calls += 1
-        raise RedisConnectionError("down")
-
+async def test_retrying_gives_up_after_its_window() -> None:
+    """With no window the first outage error is raised; with one, the last after it."""
+    down = Failing(RedisConnectionError("down"))
     with pytest.raises(RedisConnectionError):
         await retrying(down, "gen_x", within_s=0)
-    assert calls == 1
-
-    async def broken() -> None:
-        nonlocal calls
-        calls += 1
-        raise ResponseError("bad script")
-
-    with pytest.raises(ResponseError):
-        await retrying(broken, "gen_x", within_s=5)
-    assert calls == 2
-
-    calls = 0
+    assert down.calls == 1
+    down = Failing(RedisConnectionError("down"))
     with pytest.raises(RedisConnectionError):
         await asyncio.wait_for(retrying(down, "gen_x", within_s=0.2), 5)
-    assert calls > 1
+    assert down.calls > 1
+
+
+async def test_retrying_never_repeats_other_errors() -> None:
+    """A script error is not an outage: it is raised at once."""
+    broken = Failing(ResponseError("bad script"))
+    with pytest.raises(ResponseError):
+        await retrying(broken, "gen_x", within_s=5)
+    assert broken.calls == 1
