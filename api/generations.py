@@ -43,9 +43,14 @@ def events_url(gen_id: str) -> str:
 
 
 async def create(
-    state: AppState, tenant: str, body: GenerationCreate, idempotency_key: str | None
+    state: AppState, tenant: str, body: GenerationCreate, idempotency_key: str | None,
+    *, enqueue: bool = True,
 ) -> GenerationCreated:
-    """Record the generation (status and its first event), then enqueue it and wake a worker."""
+    """Record the generation (status and its first event), then enqueue it and wake a worker.
+
+    ``enqueue=False`` (threads): record it queued but without its job, which the caller
+    starts later with :func:`enqueue`.
+    """
     settings = state.settings
     problem = check_model(body.model, settings)
     if problem is not None:
@@ -72,7 +77,10 @@ async def create(
             if earlier is not None:  # a concurrent retry won the key
                 await _release(state, tenant, gen.id)
                 return earlier
-        if settings.queue_shares_redis:
+        if not enqueue:
+            await streams.create(state.redis, gen, metadata=body.metadata)
+            await limits.release_queue_slot(state.queue, settings.queue_name, gen.id)
+        elif settings.queue_shares_redis:
             await streams.create(state.redis, gen, metadata=body.metadata,
                                  job=_queued_job(state, gen.id))
         else:
@@ -99,6 +107,11 @@ def _queued_job(state: AppState, gen_id: str) -> streams.QueuedJob:
         queue=state.settings.queue_name, key=job_key_prefix + gen_id, payload=payload,
         ttl_ms=state.queue.expires_extra_ms, member=gen_id, score=now_ms,
     )
+
+
+async def enqueue(state: AppState, gen_id: str) -> None:
+    """Queue the job of a generation created with ``enqueue=False``."""
+    await _enqueue_apart(state, gen_id)
 
 
 async def _enqueue_apart(state: AppState, gen_id: str) -> None:

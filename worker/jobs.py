@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import keys, limits, stats, streams
+from tokenrelay.shared import keys, limits, stats, streams, threads
 from tokenrelay.shared.errors import ProviderError
 from tokenrelay.shared.redis import awaited
 from tokenrelay.shared.settings import Settings
@@ -67,6 +67,7 @@ async def generate(ctx: dict[str, Any], gen_id: str, attempt: int = 1) -> str:
                 # (a worker lost right after the terminal write): count it, once.
                 await count_usage(redis, gen_id, settings.retention_s)
                 await limits.release_generation(redis, gen_id)
+                await end_thread_turn(ctx, gen_id)
             return why
         logger.info("started generation_id=%s attempt=%d", gen_id, attempt)
         # Side by side: one round trip of latency before the first token, not three.
@@ -107,6 +108,7 @@ async def _run(ctx: dict[str, Any], gen_id: str, attempt: int, cancel: asyncio.E
             await count_usage(redis, gen_id, settings.retention_s)
             await limits.release_generation(redis, gen_id)
             await _record_stats(redis, event_type, data, timing)
+            await end_thread_turn(ctx, gen_id)
 
     async def terminal(event_type: str, data: dict[str, Any], **fields: str) -> str:
         # Shielded: a job cancelled mid-write still leaves exactly one terminal event,
@@ -190,6 +192,14 @@ async def _run(ctx: dict[str, Any], gen_id: str, attempt: int, cancel: asyncio.E
         "retryable": False,
     }
     return await terminal(ev.ERROR, data, error=json.dumps(data))
+
+
+async def end_thread_turn(ctx: dict[str, Any], gen_id: str) -> None:
+    """After the terminal event: the generation's thread (if any) records the answer and
+    starts its next enqueued message (``threads.on_generation_end``)."""
+    redis: Redis = ctx["tr_redis"]
+    await threads.on_generation_end(
+        redis, gen_id, lambda next_id: enqueue_attempt(ctx["redis"], redis, next_id, 1))
 
 
 @dataclass

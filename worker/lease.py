@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import keys, limits, streams
+from tokenrelay.shared import keys, limits, streams, threads
 from tokenrelay.shared.redis import awaited
 from tokenrelay.shared.usage import record as count_usage
 from tokenrelay.worker.tasks import stop_tasks
@@ -68,6 +68,10 @@ class Lease:
         await stop_tasks(self._tasks)
         with contextlib.suppress(RedisError, OSError):
             await self._redis.delete(keys.worker_alive(self.worker_id))
+
+    async def _start_job(self, gen_id: str) -> None:
+        """Start a thread's next generation (its first attempt)."""
+        await enqueue_attempt(self._queue, self._redis, gen_id, 1)
 
     async def hold(self, gen_id: str, attempt: int) -> None:
         """Record that this worker runs ``attempt`` of ``gen_id``."""
@@ -129,6 +133,7 @@ class Lease:
                                     self._retention_s, {"error": ev.dumps(data)}):
                 await count_usage(self._redis, gen_id, self._retention_s)
                 await limits.release_generation(self._redis, gen_id)
+                await threads.on_generation_end(self._redis, gen_id, self._start_job)
             await awaited(self._redis.hdel(keys.RUNNING, gen_id))
         else:
             logger.warning("worker %s lost; restarting generation_id=%s attempt=%d",

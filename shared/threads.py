@@ -1,0 +1,547 @@
+"""Threads in Redis: a conversation's messages, and one generation at a time per thread.
+
+A thread's keys share the hash tag ``{thr_…}`` (one Cluster slot), so each change of
+a thread is one Lua script: :func:`claim` takes the active slot and appends the user
+message in one step (concurrent posts on any API process cannot both start a
+generation), and :func:`on_generation_end` records an ended generation's text as
+the assistant message and hands the slot to the next enqueued generation::
+
+    post ──claim──> slot free: start now │ busy: reject | enqueue | interrupt
+    terminal event ──on_generation_end──> reply recorded ──> next pending one started
+
+Assistant messages are stored per generation and shown after their user message,
+so the order of answers always follows the order of questions. Every write
+refreshes every key's TTL (``ttl`` in the thread, set from THREAD_RETENTION_S by
+the API's last write), so a thread expires as a whole after its last activity.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from tokenrelay.shared import events as ev
+from tokenrelay.shared import keys, limits, streams
+from tokenrelay.shared.redis import awaited
+from tokenrelay.shared.usage import record as count_usage
+
+# Puts a generation's job on the queue (the API's enqueue, or the worker's enqueue_attempt).
+StartJob = Callable[[str], Awaitable[None]]
+
+IF_BUSY = ("reject", "enqueue", "interrupt")
+TITLE_CHARS = 80
+# A claimed generation still unstarted after this long lost its API process: start it.
+STUCK_AFTER_S = 10.0
+TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+_THREAD_ID_RE = re.compile(r"^thr_[0-9a-f]{32}$")
+
+_EXPIRE_ALL = "for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], {ttl}) end"
+
+# KEYS: meta ; ARGV: ttl field value ...
+_CREATE = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# The active-slot claim. KEYS: meta turns replies pending ;
+# ARGV: tenant if_busy gen_id turn_json now ttl title budget
+# Returns {outcome, active, dropped...}: outcome start | queued | interrupt | busy | missing;
+# ``dropped`` (interrupt) are the enqueued generations this message replaces.
+_CLAIM = f"""
+local m = redis.call('HMGET', KEYS[1], 'tenant', 'active')
+if m[1] ~= ARGV[1] then return {{'missing', ''}} end
+local active = m[2] or ''
+local outcome = 'start'
+local dropped = {{}}
+if active ~= '' then
+  if ARGV[2] == 'reject' then return {{'busy', active}} end
+  outcome = 'queued'
+  if ARGV[2] == 'interrupt' then
+    outcome = 'interrupt'
+    dropped = redis.call('LRANGE', KEYS[4], 0, -1)
+    redis.call('DEL', KEYS[4])
+  end
+  redis.call('RPUSH', KEYS[4], ARGV[3])
+else
+  redis.call('HSET', KEYS[1], 'active', ARGV[3], 'started', '')
+end
+redis.call('RPUSH', KEYS[2], ARGV[4])
+redis.call('HSETNX', KEYS[1], 'title', ARGV[7])
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[5], 'ttl', ARGV[6], 'budget', ARGV[8])
+{_EXPIRE_ALL.format(ttl="ARGV[6]")}
+return {{outcome, active, unpack(dropped)}}
+"""
+
+# Record an ended generation's reply; if it held the slot, pass the slot on.
+# KEYS: meta turns replies pending ; ARGV: gen_id reply_json now prompt completion total
+# Returns {'gone'} | {'recorded', next, tenant, ttl} | {'again', active, tenant, ttl, started}.
+_END = f"""
+local m = redis.call('HMGET', KEYS[1], 'tenant', 'active', 'ttl', 'started')
+if not m[1] then return {{'gone'}} end
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
+  return {{'again', m[2] or '', m[1], m[3], m[4] or ''}}
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'prompt_tokens', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'completion_tokens', ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'total_tokens', ARGV[6])
+local nxt = ''
+if m[2] == ARGV[1] then
+  nxt = redis.call('LPOP', KEYS[4]) or ''
+  redis.call('HSET', KEYS[1], 'active', nxt, 'started', '')
+else
+  redis.call('LREM', KEYS[4], 0, ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+{_EXPIRE_ALL.format(ttl="m[3]")}
+return {{'recorded', nxt, m[1], m[3]}}
+"""
+
+# The active generation's job is on the queue (a retried end hook need not start it).
+# KEYS: meta ; ARGV: gen_id
+_STARTED = """
+if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'started', ARGV[1])
+return 1
+"""
+
+# KEYS: meta turns replies pending ; ARGV: tenant
+# Returns {} if missing, else the generations to cancel (active first, then enqueued).
+_DELETE = """
+local m = redis.call('HMGET', KEYS[1], 'tenant', 'active')
+if m[1] ~= ARGV[1] then return false end
+local out = redis.call('LRANGE', KEYS[4], 0, -1)
+if m[2] and m[2] ~= '' then table.insert(out, 1, m[2]) end
+redis.call('DEL', unpack(KEYS))
+return out
+"""
+
+# An HSET that never re-creates an expired key (which would then have no TTL).
+# KEYS: hash ; ARGV: field value ...
+_SET_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+_SHAS: dict[str, str] = {}
+
+
+async def _run(redis: Redis, script: str, keys_: list[str], *args: Any) -> Any:
+    """EVALSHA, loading the script once on a NOSCRIPT."""
+    sha = _SHAS.get(script)
+    if sha is not None:
+        try:
+            return await awaited(redis.evalsha(sha, len(keys_), *keys_, *args))
+        except NoScriptError:
+            pass
+    sha = _SHAS[script] = _text(await awaited(redis.script_load(script)))
+    return await awaited(redis.evalsha(sha, len(keys_), *keys_, *args))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def new_thread_id() -> str:
+    return f"thr_{secrets.token_hex(16)}"
+
+
+def is_thread_id(value: str) -> bool:
+    return _THREAD_ID_RE.match(value) is not None
+
+
+def new_message_id() -> str:
+    return f"msg_{secrets.token_hex(12)}"
+
+
+def title_of(content: str) -> str:
+    """A thread's title: the start of its first user message, on one line."""
+    return " ".join(content.split())[:TITLE_CHARS]
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """A user message and the generation that answers it."""
+
+    id: str
+    reply_id: str  # id of the assistant message that answers it
+    content: str
+    created_at: float
+    generation_id: str
+    model: str
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def decode(cls, raw: Any) -> Turn:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The assistant message an ended generation left (partial text kept)."""
+
+    content: str
+    status: str
+    model: str
+    created_at: float
+    finished_at: float | None = None
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    error: dict[str, Any] | None = None
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def decode(cls, raw: Any) -> Reply:
+        return cls(**json.loads(raw))
+
+    @classmethod
+    def of_generation(cls, found: tuple[dict[str, str], str] | None) -> Reply:
+        """The reply of a generation's (meta, content); a vanished one counts as failed."""
+        if found is None:
+            return cls("", ev.FAILED, "", streams.now(), streams.now(),
+                       error={"code": "gone", "message": "the generation expired"})
+        meta, content = found
+
+        def number(name: str) -> float | None:
+            return float(meta[name]) if meta.get(name) else None
+
+        return cls(
+            content=content,
+            status=meta.get("status", ev.FAILED),
+            model=meta.get("model", ""),
+            created_at=number("started_at") or number("created_at") or 0.0,  # answer began
+            finished_at=number("finished_at"),
+            finish_reason=meta.get("finish_reason") or None,
+            usage=(json.loads(meta["usage"]) or None) if meta.get("usage") else None,
+            error=json.loads(meta["error"]) if meta.get("error") else None,
+        )
+
+
+@dataclass(slots=True)
+class Thread:
+    id: str
+    tenant: str
+    created_at: float
+    updated_at: float
+    system: str
+    model: str
+    metadata: dict[str, str]
+    title: str
+    active: str | None
+    budget: int
+    usage: dict[str, int]
+    turns: list[Turn] = field(default_factory=list)
+    replies: dict[str, Reply] = field(default_factory=dict)
+
+
+def _thread_of(thread_id: str, raw_meta: dict[Any, Any]) -> Thread:
+    meta = {_text(k): _text(v) for k, v in raw_meta.items()}
+    return Thread(
+        id=thread_id,
+        tenant=meta.get("tenant", ""),
+        created_at=float(meta.get("created_at") or 0),
+        updated_at=float(meta.get("updated_at") or 0),
+        system=meta.get("system", ""),
+        model=meta.get("model", ""),
+        metadata=json.loads(meta["metadata"]) if meta.get("metadata") else {},
+        title=meta.get("title", ""),
+        active=meta.get("active") or None,
+        budget=int(meta.get("budget") or 0),
+        usage={name: int(meta.get(name) or 0) for name in TOKEN_FIELDS},
+    )
+
+
+async def create(
+    redis: Redis, tenant: str, *, system: str, model: str, metadata: dict[str, str] | None,
+    retention_s: int,
+) -> Thread:
+    """Record a new, empty thread of ``tenant`` and list it."""
+    thread_id = new_thread_id()
+    now = streams.now()
+    mapping = {"tenant": tenant, "created_at": str(now), "updated_at": str(now),
+               "system": system, "model": model, "metadata": json.dumps(metadata or {}),
+               "active": "", "ttl": str(retention_s)}
+    fields = [item for pair in mapping.items() for item in pair]
+    await _run(redis, _CREATE, [keys.thread_meta(thread_id)], retention_s, *fields)
+    await _touch_index(redis, tenant, thread_id, now, retention_s)
+    return _thread_of(thread_id, mapping)
+
+
+async def load(redis: Redis, thread_id: str) -> Thread | None:
+    """A thread with its turns and recorded replies, or None if unknown or expired."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.thread_meta(thread_id))
+        pipe.lrange(keys.thread_turns(thread_id), 0, -1)
+        pipe.hgetall(keys.thread_replies(thread_id))
+        raw_meta, raw_turns, raw_replies = await pipe.execute()
+    if not raw_meta:
+        return None
+    thread = _thread_of(thread_id, raw_meta)
+    thread.turns = [Turn.decode(raw) for raw in raw_turns]
+    thread.replies = {_text(k): Reply.decode(v) for k, v in raw_replies.items()}
+    return thread
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    outcome: str  # start | queued | interrupt | busy | missing
+    active: str | None  # the generation that held the slot
+    dropped: list[str]  # interrupt: the enqueued generations it replaces
+
+
+async def claim(
+    redis: Redis, thread_id: str, tenant: str, turn: Turn, if_busy: str, *,
+    retention_s: int, context_chars: int,
+) -> Claim:
+    """Append ``turn`` and take the active slot for its generation, or queue it behind
+    the active one, in one step. ``busy`` and ``missing`` change nothing."""
+    if if_busy not in IF_BUSY:
+        raise ValueError(f"if_busy must be one of {IF_BUSY}")
+    result = await _run(
+        redis, _CLAIM, keys.thread_keys(thread_id), tenant, if_busy, turn.generation_id,
+        turn.encode(), turn.created_at, retention_s, title_of(turn.content), context_chars,
+    )
+    outcome, active, *dropped = (_text(v) for v in result)
+    if outcome not in ("busy", "missing"):
+        await _touch_index(redis, tenant, thread_id, turn.created_at, retention_s)
+    return Claim(outcome, active or None, dropped)
+
+
+def build_context(
+    system: str, earlier: list[tuple[str, str]], content: str, budget: int
+) -> tuple[list[dict[str, str]], int]:
+    """The messages of a new turn and how many earlier turns were left out.
+
+    The system prompt and the new user message are always sent; of the earlier
+    (question, answer) turns, the newest that fit in ``budget`` characters, in order.
+    An empty answer (cancelled before its first word) sends the question alone.
+    """
+    used = len(system) + len(content)
+    kept: list[list[dict[str, str]]] = []
+    for question, answer in reversed(earlier):
+        used += len(question) + len(answer)
+        if used > budget:
+            break
+        turn = [{"role": "user", "content": question}]
+        if answer:
+            turn.append({"role": "assistant", "content": answer})
+        kept.append(turn)
+    head = [{"role": "system", "content": system}] if system else []
+    body = [message for turn in reversed(kept) for message in turn]
+    return [*head, *body, {"role": "user", "content": content}], len(earlier) - len(kept)
+
+
+def context_of(thread: Thread, gen_id: str) -> tuple[list[dict[str, str]], int] | None:
+    """The context of the turn ``gen_id`` answers: system prompt and every turn before it."""
+    for index, turn in enumerate(thread.turns):
+        if turn.generation_id == gen_id:
+            earlier = [(t.content, r.content if (r := thread.replies.get(t.generation_id)) else "")
+                       for t in thread.turns[:index]]
+            return build_context(thread.system, earlier, turn.content, thread.budget)
+    return None
+
+
+async def start_turn(redis: Redis, thread_id: str, gen_id: str, start_job: StartJob) -> None:
+    """Give the generation that holds the slot its context, then put its job on the queue.
+
+    The context is built now, not when the message was posted, so an enqueued
+    message sees the answers before it. Harmless if repeated: the job is deduplicated
+    by its id and the generation fenced by its attempt.
+    """
+    thread = await load(redis, thread_id)
+    context = None if thread is None else context_of(thread, gen_id)
+    if context is None:
+        return  # the thread was deleted meanwhile
+    messages, dropped = context
+    raw_request, raw_metadata = await awaited(
+        redis.hmget(keys.meta(gen_id), ["request", "metadata"]))
+    if raw_request is None:
+        return
+    request = json.loads(raw_request)
+    request["messages"] = messages
+    metadata = json.loads(raw_metadata) if raw_metadata else {}
+    metadata["context_dropped_turns"] = str(dropped)
+    if not await _run(redis, _SET_IF_EXISTS, [keys.meta(gen_id)], "request",
+                      json.dumps(request), "metadata", json.dumps(metadata)):
+        return
+    await start_job(gen_id)
+    await mark_started(redis, thread_id, gen_id)
+
+
+def thread_of_generation(meta: dict[str, str]) -> str | None:
+    """The thread a generation answers in (``metadata.thread_id``), if any."""
+    if not meta.get("metadata"):
+        return None
+    thread_id = json.loads(meta["metadata"]).get("thread_id")
+    return thread_id if isinstance(thread_id, str) and is_thread_id(thread_id) else None
+
+
+async def on_generation_end(redis: Redis, gen_id: str, start_job: StartJob) -> None:
+    """After a generation's terminal event: keep its text as the assistant message, free
+    the thread's slot, and start the next enqueued generation. Nothing for a generation
+    outside a thread. Idempotent: a repeated call finds the reply recorded and only
+    starts the active generation if its start was never completed."""
+    found = await streams.read_status(redis, gen_id)
+    if found is None or found[0].get("status") not in ev.TERMINAL_STATUSES:
+        return
+    thread_id = thread_of_generation(found[0])
+    if thread_id is not None:
+        await settle(redis, thread_id, gen_id, start_job, found)
+
+
+async def settle(
+    redis: Redis, thread_id: str, gen_id: str, start_job: StartJob,
+    found: tuple[dict[str, str], str] | None = None,
+) -> None:
+    """Record the ended ``gen_id`` in its thread and start what comes next."""
+    if found is None:
+        found = await streams.read_status(redis, gen_id)
+    following = await _record(redis, thread_id, gen_id, found)
+    while following is not None:
+        current = await streams.read_status(redis, following)
+        status = current[0].get("status") if current else None
+        if status == ev.QUEUED:
+            await start_turn(redis, thread_id, following, start_job)
+            return
+        if status is not None and status not in ev.TERMINAL_STATUSES:
+            return  # running: started already
+        # Ended while it waited (cancelled by id): nobody else records or counts it.
+        if current is not None:
+            await count_usage(redis, following, keys.PENDING_TTL_S)
+        following = await _record(redis, thread_id, following, current)
+
+
+async def _record(
+    redis: Redis, thread_id: str, gen_id: str, found: tuple[dict[str, str], str] | None
+) -> str | None:
+    """Record the reply; the generation to start next, if any."""
+    reply = Reply.of_generation(found)
+    tokens = [int((reply.usage or {}).get(name) or 0) for name in TOKEN_FIELDS]
+    result = await _run(redis, _END, keys.thread_keys(thread_id), gen_id, reply.encode(),
+                        streams.now(), *tokens)
+    kind, *rest = (_text(v) for v in result)
+    if kind == "gone":
+        return None
+    if kind == "recorded":
+        following, tenant, ttl = rest
+        await _touch_index(redis, tenant, thread_id, streams.now(), int(ttl))
+        return following or None
+    active, _, _, started = rest  # again: start the active one only if nobody finished that
+    return active if active and started != active else None
+
+
+async def repair(redis: Redis, thread_id: str, active: str, start_job: StartJob) -> bool:
+    """Unstick a thread whose active generation ``active`` did not move on: ended without
+    handing the slot over (its end hook never ran), or claimed but never started (the
+    API process died in between). True if it had ended, so the slot may be free now."""
+    found = await streams.read_status(redis, active)
+    status = found[0].get("status") if found else None
+    if status is None or status in ev.TERMINAL_STATUSES:
+        await settle(redis, thread_id, active, start_job, found)
+        return True
+    if status == ev.QUEUED and found is not None:
+        waited = streams.now() - float(found[0].get("created_at") or 0)
+        started = await awaited(redis.hget(keys.thread_meta(thread_id), "started"))
+        if waited > STUCK_AFTER_S and (started is None or _text(started) != active):
+            await start_turn(redis, thread_id, active, start_job)
+    return False
+
+
+async def mark_started(redis: Redis, thread_id: str, gen_id: str) -> None:
+    """Note that the active generation's job is queued (a retried end hook won't redo it)."""
+    await _run(redis, _STARTED, [keys.thread_meta(thread_id)], gen_id)
+
+
+async def discard_generation(redis: Redis, tenant: str, gen_id: str) -> None:
+    """Remove a generation that was recorded but never joined its thread (busy, deleted)."""
+    await redis.delete(keys.meta(gen_id), keys.events(gen_id), keys.content(gen_id),
+                       keys.cancel(gen_id))
+    await limits.release(redis, tenant, gen_id)
+
+
+async def delete(redis: Redis, thread_id: str, tenant: str) -> list[str] | None:
+    """Delete every key of the thread; the generations to cancel (active first), or None
+    if the thread is unknown. Its generations keep their own retention."""
+    result = await _run(redis, _DELETE, keys.thread_keys(thread_id), tenant)
+    await redis.zrem(keys.tenant_threads(tenant), thread_id)
+    if result is None:
+        return None
+    return [_text(v) for v in result]
+
+
+async def _touch_index(redis: Redis, tenant: str, thread_id: str, at: float, ttl: int) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(keys.tenant_threads(tenant), {thread_id: at})
+        pipe.expire(keys.tenant_threads(tenant), ttl)
+        await pipe.execute()
+
+
+def encode_cursor(score: float, thread_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{score!r}|{thread_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """(score, thread id) of a listing cursor; ValueError if it is not one."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        score, thread_id = raw.split("|")
+        if not is_thread_id(thread_id):
+            raise ValueError(thread_id)
+        return float(score), thread_id
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError("malformed cursor") from exc
+
+
+async def list_threads(
+    redis: Redis, tenant: str, limit: int, cursor: str | None = None
+) -> tuple[list[Thread], str | None]:
+    """A page of the tenant's threads, newest activity first, and the next page's cursor.
+
+    Index entries whose thread expired are dropped from the index on the way.
+    """
+    index = keys.tenant_threads(tenant)
+    after = decode_cursor(cursor) if cursor else None
+    page: list[tuple[Thread, float]] = []
+    expired: list[str] = []
+    offset, batch = 0, limit + 1
+    while len(page) <= limit:
+        entries = await redis.zrevrangebyscore(
+            index, after[0] if after else "+inf", "-inf", start=offset, num=batch,
+            withscores=True)
+        if not entries:
+            break
+        offset += len(entries)
+        # Equal scores come in descending member order: skip what the cursor has passed.
+        ids = [(_text(m), s) for m, s in entries
+               if after is None or s < after[0] or _text(m) < after[1]]
+        async with redis.pipeline(transaction=False) as pipe:
+            for thread_id, _ in ids:
+                pipe.hgetall(keys.thread_meta(thread_id))
+            metas = await pipe.execute()
+        for (thread_id, score), raw in zip(ids, metas, strict=True):
+            if raw:
+                page.append((_thread_of(thread_id, raw), score))
+            else:
+                expired.append(thread_id)
+    if expired:
+        await redis.zrem(index, *expired)
+    more = len(page) > limit
+    page = page[:limit]
+    next_cursor = encode_cursor(page[-1][1], page[-1][0].id) if more and page else None
+    return [thread for thread, _ in page], next_cursor
