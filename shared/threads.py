@@ -17,8 +17,6 @@ the API's last write), so a thread expires as a whole after its last activity.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 import secrets
@@ -27,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import keys, limits, streams
+from tokenrelay.shared import keys, limits, streams, thread_index
+from tokenrelay.shared import thread_scripts as scripts
 from tokenrelay.shared.redis import awaited
 from tokenrelay.shared.usage import record as count_usage
 
@@ -44,110 +42,6 @@ STUCK_AFTER_S = 10.0
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 _THREAD_ID_RE = re.compile(r"^thr_[0-9a-f]{32}$")
-
-_EXPIRE_ALL = "for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], {ttl}) end"
-
-# KEYS: meta ; ARGV: ttl field value ...
-_CREATE = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
-"""
-
-# The active-slot claim. KEYS: meta turns replies pending ;
-# ARGV: tenant if_busy gen_id turn_json now ttl title budget
-# Returns {outcome, active, dropped...}: outcome start | queued | interrupt | busy | missing;
-# ``dropped`` (interrupt) are the enqueued generations this message replaces.
-_CLAIM = f"""
-local m = redis.call('HMGET', KEYS[1], 'tenant', 'active')
-if m[1] ~= ARGV[1] then return {{'missing', ''}} end
-local active = m[2] or ''
-local outcome = 'start'
-local dropped = {{}}
-if active ~= '' then
-  if ARGV[2] == 'reject' then return {{'busy', active}} end
-  outcome = 'queued'
-  if ARGV[2] == 'interrupt' then
-    outcome = 'interrupt'
-    dropped = redis.call('LRANGE', KEYS[4], 0, -1)
-    redis.call('DEL', KEYS[4])
-  end
-  redis.call('RPUSH', KEYS[4], ARGV[3])
-else
-  redis.call('HSET', KEYS[1], 'active', ARGV[3], 'started', '')
-end
-redis.call('RPUSH', KEYS[2], ARGV[4])
-redis.call('HSETNX', KEYS[1], 'title', ARGV[7])
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[5], 'ttl', ARGV[6], 'budget', ARGV[8])
-{_EXPIRE_ALL.format(ttl="ARGV[6]")}
-return {{outcome, active, unpack(dropped)}}
-"""
-
-# Record an ended generation's reply; if it held the slot, pass the slot on.
-# KEYS: meta turns replies pending ; ARGV: gen_id reply_json now prompt completion total
-# Returns {'gone'} | {'recorded', next, tenant, ttl} | {'again', active, tenant, ttl, started}.
-_END = f"""
-local m = redis.call('HMGET', KEYS[1], 'tenant', 'active', 'ttl', 'started')
-if not m[1] then return {{'gone'}} end
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
-  return {{'again', m[2] or '', m[1], m[3], m[4] or ''}}
-end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'prompt_tokens', ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'completion_tokens', ARGV[5])
-redis.call('HINCRBY', KEYS[1], 'total_tokens', ARGV[6])
-local nxt = ''
-if m[2] == ARGV[1] then
-  nxt = redis.call('LPOP', KEYS[4]) or ''
-  redis.call('HSET', KEYS[1], 'active', nxt, 'started', '')
-else
-  redis.call('LREM', KEYS[4], 0, ARGV[1])
-end
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
-{_EXPIRE_ALL.format(ttl="m[3]")}
-return {{'recorded', nxt, m[1], m[3]}}
-"""
-
-# The active generation's job is on the queue (a retried end hook need not start it).
-# KEYS: meta ; ARGV: gen_id
-_STARTED = """
-if redis.call('HGET', KEYS[1], 'active') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'started', ARGV[1])
-return 1
-"""
-
-# KEYS: meta turns replies pending ; ARGV: tenant
-# Returns {} if missing, else the generations to cancel (active first, then enqueued).
-_DELETE = """
-local m = redis.call('HMGET', KEYS[1], 'tenant', 'active')
-if m[1] ~= ARGV[1] then return false end
-local out = redis.call('LRANGE', KEYS[4], 0, -1)
-if m[2] and m[2] ~= '' then table.insert(out, 1, m[2]) end
-redis.call('DEL', unpack(KEYS))
-return out
-"""
-
-# An HSET that never re-creates an expired key (which would then have no TTL).
-# KEYS: hash ; ARGV: field value ...
-_SET_IF_EXISTS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
-"""
-
-_SHAS: dict[str, str] = {}
-
-
-async def _run(redis: Redis, script: str, keys_: list[str], *args: Any) -> Any:
-    """EVALSHA, loading the script once on a NOSCRIPT."""
-    sha = _SHAS.get(script)
-    if sha is not None:
-        try:
-            return await awaited(redis.evalsha(sha, len(keys_), *keys_, *args))
-        except NoScriptError:
-            pass
-    sha = _SHAS[script] = _text(await awaited(redis.script_load(script)))
-    return await awaited(redis.evalsha(sha, len(keys_), *keys_, *args))
 
 
 def _text(value: Any) -> str:
@@ -278,8 +172,8 @@ async def create(
                "system": system, "model": model, "metadata": json.dumps(metadata or {}),
                "active": "", "ttl": str(retention_s)}
     fields = [item for pair in mapping.items() for item in pair]
-    await _run(redis, _CREATE, [keys.thread_meta(thread_id)], retention_s, *fields)
-    await _touch_index(redis, tenant, thread_id, now, retention_s)
+    await scripts.run(redis, scripts.CREATE, [keys.thread_meta(thread_id)], retention_s, *fields)
+    await thread_index.touch(redis, tenant, thread_id, now, retention_s)
     return _thread_of(thread_id, mapping)
 
 
@@ -313,13 +207,13 @@ async def claim(
     the active one, in one step. ``busy`` and ``missing`` change nothing."""
     if if_busy not in IF_BUSY:
         raise ValueError(f"if_busy must be one of {IF_BUSY}")
-    result = await _run(
-        redis, _CLAIM, keys.thread_keys(thread_id), tenant, if_busy, turn.generation_id,
+    result = await scripts.run(
+        redis, scripts.CLAIM, keys.thread_keys(thread_id), tenant, if_busy, turn.generation_id,
         turn.encode(), turn.created_at, retention_s, title_of(turn.content), context_chars,
     )
     outcome, active, *dropped = (_text(v) for v in result)
     if outcome not in ("busy", "missing"):
-        await _touch_index(redis, tenant, thread_id, turn.created_at, retention_s)
+        await thread_index.touch(redis, tenant, thread_id, turn.created_at, retention_s)
     return Claim(outcome, active or None, dropped)
 
 
@@ -377,7 +271,7 @@ async def start_turn(redis: Redis, thread_id: str, gen_id: str, start_job: Start
     request["messages"] = messages
     metadata = json.loads(raw_metadata) if raw_metadata else {}
     metadata["context_dropped_turns"] = str(dropped)
-    if not await _run(redis, _SET_IF_EXISTS, [keys.meta(gen_id)], "request",
+    if not await scripts.run(redis, scripts.SET_IF_EXISTS, [keys.meta(gen_id)], "request",
                       json.dumps(request), "metadata", json.dumps(metadata)):
         return
     await start_job(gen_id)
@@ -433,14 +327,14 @@ async def _record(
     """Record the reply; the generation to start next, if any."""
     reply = Reply.of_generation(found)
     tokens = [int((reply.usage or {}).get(name) or 0) for name in TOKEN_FIELDS]
-    result = await _run(redis, _END, keys.thread_keys(thread_id), gen_id, reply.encode(),
-                        streams.now(), *tokens)
+    result = await scripts.run(redis, scripts.END, keys.thread_keys(thread_id), gen_id,
+                               reply.encode(), streams.now(), *tokens)
     kind, *rest = (_text(v) for v in result)
     if kind == "gone":
         return None
     if kind == "recorded":
         following, tenant, ttl = rest
-        await _touch_index(redis, tenant, thread_id, streams.now(), int(ttl))
+        await thread_index.touch(redis, tenant, thread_id, streams.now(), int(ttl))
         return following or None
     active, _, _, started = rest  # again: start the active one only if nobody finished that
     return active if active and started != active else None
@@ -465,7 +359,7 @@ async def repair(redis: Redis, thread_id: str, active: str, start_job: StartJob)
 
 async def mark_started(redis: Redis, thread_id: str, gen_id: str) -> None:
     """Note that the active generation's job is queued (a retried end hook won't redo it)."""
-    await _run(redis, _STARTED, [keys.thread_meta(thread_id)], gen_id)
+    await scripts.run(redis, scripts.STARTED, [keys.thread_meta(thread_id)], gen_id)
 
 
 async def discard_generation(redis: Redis, tenant: str, gen_id: str) -> None:
@@ -478,70 +372,17 @@ async def discard_generation(redis: Redis, tenant: str, gen_id: str) -> None:
 async def delete(redis: Redis, thread_id: str, tenant: str) -> list[str] | None:
     """Delete every key of the thread; the generations to cancel (active first), or None
     if the thread is unknown. Its generations keep their own retention."""
-    result = await _run(redis, _DELETE, keys.thread_keys(thread_id), tenant)
-    await redis.zrem(keys.tenant_threads(tenant), thread_id)
+    result = await scripts.run(redis, scripts.DELETE, keys.thread_keys(thread_id), tenant)
+    await thread_index.remove(redis, tenant, thread_id)
     if result is None:
         return None
     return [_text(v) for v in result]
 
 
-async def _touch_index(redis: Redis, tenant: str, thread_id: str, at: float, ttl: int) -> None:
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zadd(keys.tenant_threads(tenant), {thread_id: at})
-        pipe.expire(keys.tenant_threads(tenant), ttl)
-        await pipe.execute()
-
-
-def encode_cursor(score: float, thread_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{score!r}|{thread_id}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[float, str]:
-    """(score, thread id) of a listing cursor; ValueError if it is not one."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        score, thread_id = raw.split("|")
-        if not is_thread_id(thread_id):
-            raise ValueError(thread_id)
-        return float(score), thread_id
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-        raise ValueError("malformed cursor") from exc
-
-
 async def list_threads(
     redis: Redis, tenant: str, limit: int, cursor: str | None = None
 ) -> tuple[list[Thread], str | None]:
-    """A page of the tenant's threads, newest activity first, and the next page's cursor.
-
-    Index entries whose thread expired are dropped from the index on the way.
-    """
-    index = keys.tenant_threads(tenant)
-    after = decode_cursor(cursor) if cursor else None
-    page: list[tuple[Thread, float]] = []
-    expired: list[str] = []
-    offset, batch = 0, limit + 1
-    while len(page) <= limit:
-        entries = await redis.zrevrangebyscore(
-            index, after[0] if after else "+inf", "-inf", start=offset, num=batch,
-            withscores=True)
-        if not entries:
-            break
-        offset += len(entries)
-        # Equal scores come in descending member order: skip what the cursor has passed.
-        ids = [(_text(m), s) for m, s in entries
-               if after is None or s < after[0] or _text(m) < after[1]]
-        async with redis.pipeline(transaction=False) as pipe:
-            for thread_id, _ in ids:
-                pipe.hgetall(keys.thread_meta(thread_id))
-            metas = await pipe.execute()
-        for (thread_id, score), raw in zip(ids, metas, strict=True):
-            if raw:
-                page.append((_thread_of(thread_id, raw), score))
-            else:
-                expired.append(thread_id)
-    if expired:
-        await redis.zrem(index, *expired)
-    more = len(page) > limit
-    page = page[:limit]
-    next_cursor = encode_cursor(page[-1][1], page[-1][0].id) if more and page else None
-    return [thread for thread, _ in page], next_cursor
+    """A page of the tenant's threads, newest activity first, and the next page's cursor
+    (ValueError for a malformed one)."""
+    found, next_cursor = await thread_index.page(redis, tenant, limit, cursor)
+    return [_thread_of(thread_id, meta) for thread_id, meta in found], next_cursor
