@@ -231,15 +231,15 @@ async def post_message(
     logger.info("message %s thread_id=%s generation_id=%s", claim.outcome, thread_id, created.id)
     if claim.outcome == "start":
         await store.start_turn(state.redis, thread_id, created.id, start_job)
-    else:
+    elif claim.active is not None:
         if claim.outcome == "interrupt":
             for gen_id in claim.dropped:  # enqueued ones this message replaces
                 await _cancel(state, tenant, gen_id)
                 await store.settle(state.redis, thread_id, gen_id, start_job)
-            assert claim.active is not None
             await _cancel(state, tenant, claim.active)
-        if claim.active is not None:  # hand over now if it has ended already
-            await store.repair(state.redis, thread_id, claim.active, start_job)
+        # Hand over at once if the active one has ended already (cancelled while queued,
+        # or its worker's end hook has not run yet).
+        await store.repair(state.redis, thread_id, claim.active, start_job)
     return MessageCreated(**created.model_dump(), thread_id=thread_id)
 
 
