@@ -278,24 +278,24 @@ async def start_turn(redis: Redis, thread_id: str, gen_id: str, start_job: Start
     await mark_started(redis, thread_id, gen_id)
 
 
-def thread_of_generation(meta: dict[str, str]) -> str | None:
-    """The thread a generation answers in (``metadata.thread_id``), if any."""
-    if not meta.get("metadata"):
+def thread_of_generation(metadata: Any) -> str | None:
+    """The thread a generation answers in: ``thread_id`` of its metadata (JSON), if any."""
+    if not metadata:
         return None
-    thread_id = json.loads(meta["metadata"]).get("thread_id")
+    thread_id = json.loads(metadata).get("thread_id")
     return thread_id if isinstance(thread_id, str) and is_thread_id(thread_id) else None
 
 
 async def on_generation_end(redis: Redis, gen_id: str, start_job: StartJob) -> None:
     """After a generation's terminal event: keep its text as the assistant message, free
-    the thread's slot, and start the next enqueued generation. Nothing for a generation
+    the thread's slot, and start the next enqueued generation. One HGET for a generation
     outside a thread. Idempotent: a repeated call finds the reply recorded and only
     starts the active generation if its start was never completed."""
-    found = await streams.read_status(redis, gen_id)
-    if found is None or found[0].get("status") not in ev.TERMINAL_STATUSES:
+    thread_id = thread_of_generation(await awaited(redis.hget(keys.meta(gen_id), "metadata")))
+    if thread_id is None:
         return
-    thread_id = thread_of_generation(found[0])
-    if thread_id is not None:
+    found = await streams.read_status(redis, gen_id)
+    if found is not None and found[0].get("status") in ev.TERMINAL_STATUSES:
         await settle(redis, thread_id, gen_id, start_job, found)
 
 

@@ -145,6 +145,8 @@ def test_reload_mid_answer_resumes_on_the_other_api_process(stack: Stack) -> Non
     gen = posted(stack.urls[0], t["id"], "write", max_tokens=40)
     status, first = stream_thread(stack.urls[0], t["id"], limit=10)
     assert status == 200 and len(first) == 10
+    so_far = thread(stack.urls[0], t["id"])["messages"][1]
+    assert so_far["status"] == "running" and so_far["content"].startswith(text_of(first))
     token = {"token": t["stream_token"]}  # a reloaded page may hold only the thread's token
     status, rest = stream_thread(stack.urls[1], t["id"], after=first[-1].id, params=token,
                                  headers=None)
