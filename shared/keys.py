@@ -104,7 +104,8 @@ def thread_turns(thread_id: str) -> str:
 
 
 def thread_replies(thread_id: str) -> str:
-    """Hash generation id -> the assistant message it left when it ended (text kept as is)."""
+    """Hash generation id -> the assistant message it left when it ended ('' until then):
+    the thread's generations, so no other generation can write into it."""
     return f"{PREFIX}:{{{thread_id}}}:replies"
 
 

@@ -24,7 +24,8 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
-# The active-slot claim. KEYS: meta turns replies pending ;
+# The active-slot claim; the turn's generation gets an empty reply (answer pending).
+# KEYS: meta turns replies pending ;
 # ARGV: tenant if_busy gen_id turn_json now ttl title budget
 # Returns {outcome, active, dropped...}: outcome start | queued | interrupt | busy | missing;
 # ``dropped`` (interrupt) are the enqueued generations this message replaces.
@@ -47,21 +48,25 @@ else
   redis.call('HSET', KEYS[1], 'active', ARGV[3], 'started', '')
 end
 redis.call('RPUSH', KEYS[2], ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[3], '')
 redis.call('HSETNX', KEYS[1], 'title', ARGV[7])
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[5], 'ttl', ARGV[6], 'budget', ARGV[8])
 {_EXPIRE_ALL.format(ttl="ARGV[6]")}
 return {{outcome, active, unpack(dropped)}}
 """
 
-# Record an ended generation's reply; if it held the slot, pass the slot on.
+# Record an ended generation's reply; if it held the slot, pass the slot on. Only a
+# generation a claim put in the thread (its empty reply) is recorded: a metadata
+# ``thread_id`` alone does not make a generation part of a thread.
 # KEYS: meta turns replies pending ; ARGV: gen_id reply_json now prompt completion total
-# Returns {'gone'} | {'recorded', next, tenant, ttl} | {'again', active, tenant, ttl, started}.
+# Returns {'gone'} (no such thread, or not its generation) | {'recorded', next, tenant, ttl}
+# | {'again', active, tenant, ttl, started} (recorded before).
 END = f"""
 local m = redis.call('HMGET', KEYS[1], 'tenant', 'active', 'ttl', 'started')
 if not m[1] then return {{'gone'}} end
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
-  return {{'again', m[2] or '', m[1], m[3], m[4] or ''}}
-end
+local r = redis.call('HGET', KEYS[3], ARGV[1])
+if not r then return {{'gone'}} end
+if r ~= '' then return {{'again', m[2] or '', m[1], m[3], m[4] or ''}} end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'prompt_tokens', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'completion_tokens', ARGV[5])

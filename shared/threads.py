@@ -188,7 +188,7 @@ async def load(redis: Redis, thread_id: str) -> Thread | None:
         return None
     thread = _thread_of(thread_id, raw_meta)
     thread.turns = [Turn.decode(raw) for raw in raw_turns]
-    thread.replies = {_text(k): Reply.decode(v) for k, v in raw_replies.items()}
+    thread.replies = {_text(k): Reply.decode(v) for k, v in raw_replies.items() if v}
     return thread
 
 
@@ -271,8 +271,8 @@ async def start_turn(redis: Redis, thread_id: str, gen_id: str, start_job: Start
     request["messages"] = messages
     metadata = json.loads(raw_metadata) if raw_metadata else {}
     metadata["context_dropped_turns"] = str(dropped)
-    if not await scripts.run(redis, scripts.SET_IF_EXISTS, [keys.meta(gen_id)], "request",
-                      json.dumps(request), "metadata", json.dumps(metadata)):
+    if not await scripts.run(redis, scripts.SET_IF_EXISTS, [keys.meta(gen_id)],
+                             "request", json.dumps(request), "metadata", json.dumps(metadata)):
         return
     await start_job(gen_id)
     await mark_started(redis, thread_id, gen_id)

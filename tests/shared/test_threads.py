@@ -209,6 +209,21 @@ async def test_a_generation_outside_threads_is_ignored(client: Redis) -> None:
     assert set(await client.keys("*")) == keys_before
 
 
+async def test_a_generation_naming_a_thread_it_was_not_posted_to_is_ignored(
+    client: Redis,
+) -> None:
+    """A generation whose metadata names a thread, but that no claim put there, changes nothing."""
+    thread_id = await _thread(client)
+    await _post(client, thread_id, "one")
+    stranger = new_generation_id()
+    await streams.create(client, streams.NewGeneration(stranger, "t2", "fake:echo", {}, 1.0),
+                         metadata={"thread_id": thread_id})
+    await _finish(client, stranger, "injected")
+    before = await _snapshot(client, thread_id)
+    await store.on_generation_end(client, stranger, Starts())
+    assert await _snapshot(client, thread_id) == before
+
+
 async def test_an_enqueued_message_cancelled_while_waiting_is_skipped(client: Redis) -> None:
     """A waiting generation cancelled by id is recorded as cancelled, and the one after it runs."""
     thread_id = await _thread(client)
