@@ -18,6 +18,7 @@ the API's last write), so a thread expires as a whole after its last activity.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,8 @@ from tokenrelay.shared import keys, limits, streams, thread_index
 from tokenrelay.shared import thread_scripts as scripts
 from tokenrelay.shared.redis import awaited
 from tokenrelay.shared.usage import record as count_usage
+
+logger = logging.getLogger(__name__)
 
 # Puts a generation's job on the queue (the API's enqueue, or the worker's enqueue_attempt).
 StartJob = Callable[[str], Awaitable[None]]
@@ -311,6 +314,7 @@ async def settle(
         current = await streams.read_status(redis, following)
         status = current[0].get("status") if current else None
         if status == ev.QUEUED:
+            logger.info("thread_id=%s hands over to generation_id=%s", thread_id, following)
             await start_turn(redis, thread_id, following, start_job)
             return
         if status is not None and status not in ev.TERMINAL_STATUSES:
