@@ -19,7 +19,15 @@ from tokenrelay.api.hub import Hub
 from tokenrelay.api.metrics import Metrics
 from tokenrelay.api.middleware import BodyLimit, RequestContext
 from tokenrelay.api.openai_errors import add_openai_errors
-from tokenrelay.api.routes import generations, health, metrics, openai_compat, usage, web
+from tokenrelay.api.routes import (
+    generations,
+    health,
+    metrics,
+    openai_compat,
+    threads,
+    usage,
+    web,
+)
 from tokenrelay.api.sse import Connections
 from tokenrelay.api.streaming import EventsFastPath
 from tokenrelay.api.tokens import StreamTokens, load_secret
@@ -100,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     add_exception_handlers(app)
     app.include_router(generations.router)
+    app.include_router(threads.router)
     app.include_router(health.router)
     app.include_router(web.router)
     app.include_router(openai_compat.router)

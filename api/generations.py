@@ -39,9 +39,14 @@ def events_url(gen_id: str) -> str:
 
 
 async def create(
-    state: AppState, tenant: str, body: GenerationCreate, idempotency_key: str | None
+    state: AppState, tenant: str, body: GenerationCreate, idempotency_key: str | None,
+    *, enqueue: bool = True,
 ) -> GenerationCreated:
-    """Record the generation (status and its first event), then enqueue it and wake a worker."""
+    """Record the generation (status and its first event), then enqueue it and wake a worker.
+
+    ``enqueue=False`` (threads): record it queued but without its job, which the caller
+    starts later with :func:`enqueue`.
+    """
     settings = state.settings
     problem = check_model(body.model, settings)
     if problem is not None:
@@ -69,7 +74,10 @@ async def create(
                 await _release(state, tenant, gen.id)
                 return earlier
         job = queue.first_job(state.queue, gen.id)
-        if settings.queue_shares_redis:
+        if not enqueue:  # a thread's message waiting for its turn: no job yet
+            await streams.create(state.redis, gen, metadata=body.metadata)
+            await queue.release_slot(state.queue, gen.id)
+        elif settings.queue_shares_redis:
             # The job and the wake-up in the generation's own MULTI: four round trips
             # off the queue hop, and never a generation without its job.
             await streams.create(state.redis, gen, metadata=body.metadata, job=job)
@@ -84,6 +92,11 @@ async def create(
     return _created(state, gen.id, ev.QUEUED, gen.model, gen.created_at)
 
 
+async def enqueue(state: AppState, gen_id: str) -> None:
+    """Queue the job of a generation created with ``enqueue=False``."""
+    await _enqueue_apart(state, queue.first_job(state.queue, gen_id))
+
+
 async def _enqueue_apart(state: AppState, job: queue.Job) -> None:
     """Queue a recorded generation on the queue's own Redis (QUEUE_REDIS_URL, or a Cluster).
 
@@ -93,7 +106,8 @@ async def _enqueue_apart(state: AppState, job: queue.Job) -> None:
         await queue.enqueue(state.queue, job)
     except (RedisError, OSError):
         with contextlib.suppress(RedisError, OSError):
-            await lifecycle.Lifecycle(state.redis, state.settings.retention_s).end(
+            await lifecycle.Lifecycle(state.redis, state.settings.retention_s,
+                                      jobs=state.queue).end(
                 job.gen_id, None,
                 lifecycle.failed("unavailable", "the generation could not be queued",
                                  retryable=True))

@@ -90,3 +90,37 @@ def tenant_active(tenant: str) -> str:
 
 # Hash of deployment-wide generation statistics (shared/stats.py), read by /metrics.
 STATS = f"{PREFIX}:stats"
+
+
+def thread_meta(thread_id: str) -> str:
+    """Hash of a thread: tenant, system prompt, model, metadata, title, the active
+    generation, token totals, and the retention and context budget its last message set."""
+    return f"{PREFIX}:{{{thread_id}}}:meta"
+
+
+def thread_turns(thread_id: str) -> str:
+    """List of a thread's user messages in order, each naming the generation that answers it."""
+    return f"{PREFIX}:{{{thread_id}}}:turns"
+
+
+def thread_replies(thread_id: str) -> str:
+    """Hash generation id -> the assistant message it left when it ended ('' until then):
+    the thread's generations, so no other generation can write into it."""
+    return f"{PREFIX}:{{{thread_id}}}:replies"
+
+
+def thread_pending(thread_id: str) -> str:
+    """List of a thread's enqueued generations, started one by one as the active one ends."""
+    return f"{PREFIX}:{{{thread_id}}}:pending"
+
+
+def thread_keys(thread_id: str) -> list[str]:
+    """Every key of a thread (one hash tag: one Cluster slot, one Lua script may touch all)."""
+    return [thread_meta(thread_id), thread_turns(thread_id), thread_replies(thread_id),
+            thread_pending(thread_id)]
+
+
+def tenant_threads(tenant: str) -> str:
+    """Sorted set of a tenant's threads by last activity; entries of expired threads are
+    pruned when a listing meets them."""
+    return f"{PREFIX}:threads:{{{tenant}}}"

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import limits, stats, streams, usage
+from tokenrelay.shared import limits, queue, stats, streams, threads, usage
 from tokenrelay.shared.redis import retrying
 
 logger = logging.getLogger(__name__)
@@ -73,10 +73,12 @@ class Lifecycle:
     """Ends generations on ``redis``; terminal writes are retried for ``retry_s`` while
     Redis is unreachable (a worker must not leave a generation running unattended)."""
 
-    def __init__(self, redis: Redis, retention_s: int, retry_s: float = 0.0) -> None:
+    def __init__(self, redis: Redis, retention_s: int, retry_s: float = 0.0,
+                 jobs: queue.Queue | None = None) -> None:
         self._redis = redis
         self._retention_s = retention_s
         self._retry_s = retry_s
+        self._jobs = jobs  # where a thread's next enqueued generation is started
 
     async def end(self, gen_id: str, attempt: int | None, ending: Ending,
                   timing: Timing | None = None) -> bool:
@@ -101,9 +103,17 @@ class Lifecycle:
 
     async def settle(self, gen_id: str) -> None:
         """The bookkeeping of an ended generation that is safe to repeat: count it in its
-        tenant's usage (once, however often called) and free its concurrency slot."""
+        tenant's usage (once, however often called), free its concurrency slot, and, for
+        a thread's generation, keep the answer as the assistant message and start the
+        thread's next enqueued message."""
         await usage.record(self._redis, gen_id, self._retention_s)
         await limits.release_generation(self._redis, gen_id)
+        if self._jobs is not None:
+            await threads.on_generation_end(self._redis, gen_id, self._start_job)
+
+    async def _start_job(self, gen_id: str) -> None:
+        assert self._jobs is not None
+        await queue.enqueue_attempt(self._jobs, gen_id, 1)
 
     async def _record_stats(self, ending: Ending, timing: Timing | None) -> None:
         """Count the ending in the deployment's statistics: once, right after the write."""

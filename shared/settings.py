@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     worker_grace_s: float = Field(20.0, ge=0)
     max_viewers_per_process: int = Field(20000, gt=0)
+    # Threads: kept this long after their last activity (sliding).
+    thread_retention_s: int = Field(30 * 86400, gt=0)
+    # A generation's context (system prompt and turns, in characters) keeps the newest
+    # turns that fit; how many were dropped goes into its metadata.
+    thread_context_chars: int = Field(400_000, gt=0)
+    thread_max_message_chars: int = Field(100_000, gt=0)  # a thread message's content (422)
 
     @field_validator("api_keys")
     @classmethod

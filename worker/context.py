@@ -40,7 +40,7 @@ class WorkerContext:
         redis = create_redis(redis_url, "worker", cluster=settings.redis_cluster, patient=True)
         # Everything before the first token and the terminal write ride out a Redis
         # outage: a job that gave up would leave its generation running with no worker.
-        lifecycle = Lifecycle(redis, settings.retention_s, retry_s=OUTAGE_RETRY_S)
+        lifecycle = Lifecycle(redis, settings.retention_s, retry_s=OUTAGE_RETRY_S, jobs=queue)
         context = cls(
             settings=settings,
             redis=redis,
