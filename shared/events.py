@@ -1,16 +1,16 @@
 """The event model: the single definition of the wire format.
 
 A generation's events are entries of a Redis Stream with two fields, ``t`` (the
-event type) and ``d`` (its JSON data). The SSE frame of an entry is
-``id: <entry id>\\nevent: <t>\\ndata: <d>\\n\\n``; the stored JSON is written to
-the wire as is, so the API never re-serialises an event.
+event type) and ``d`` (its JSON data). An :class:`Event` decoded from an entry
+keeps that JSON text, and its SSE frame ``id: <entry id>\\nevent: <t>\\ndata: <d>\\n\\n``
+writes it as is, so the API never re-serialises an event.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 STATUS = "status"
@@ -68,6 +68,9 @@ class Event:
     id: str
     type: str
     data: dict[str, Any]
+    # ``data`` as stored in the stream ("" when the event was built by hand): what
+    # encoders write, so that the wire carries the stored bytes, not a re-encoding.
+    data_json: str = field(default="", compare=False, repr=False)
 
     @property
     def terminal(self) -> bool:
@@ -85,10 +88,20 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# The known types by value, so that every decoded event shares one string per type.
+_TYPES = {t: t for t in EVENT_TYPES}
+
+
+def _field(fields: dict[Any, Any], name: str) -> str:
+    value = fields.get(name.encode())
+    return _text(fields[name] if value is None else value)
+
+
 def decode_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
-    """Turn an XRANGE/XREAD entry into an Event."""
-    norm = {_text(k): _text(v) for k, v in fields.items()}
-    return Event(_text(entry_id), norm["t"], json.loads(norm["d"]))
+    """Turn an XRANGE/XREAD entry (bytes or str fields) into an Event."""
+    etype = _field(fields, "t")
+    data_json = _field(fields, "d")
+    return Event(_text(entry_id), _TYPES.get(etype, etype), json.loads(data_json), data_json)
 
 
 def encode_sse(entry_id: str, event_type: str, data_json: str) -> bytes:
@@ -97,15 +110,8 @@ def encode_sse(entry_id: str, event_type: str, data_json: str) -> bytes:
 
 
 def encode_event(event: Event) -> bytes:
-    return encode_sse(event.id, event.type, dumps(event.data))
-
-
-def frame_of_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> tuple[str, str, bytes]:
-    """(id, type, SSE frame) of a raw stream entry, without parsing its JSON."""
-    eid = _text(entry_id)
-    etype = _text(fields[b"t"] if b"t" in fields else fields["t"])
-    data = _text(fields[b"d"] if b"d" in fields else fields["d"])
-    return eid, etype, encode_sse(eid, etype, data)
+    """The SSE frame of ``event``, with its stored JSON when it has one."""
+    return encode_sse(event.id, event.type, event.data_json or dumps(event.data))
 
 
 def parse_sse(payload: str) -> list[Event]:
