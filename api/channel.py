@@ -61,7 +61,7 @@ class Channel:
         self.loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._max_events = max_events
         self._waiters: list[asyncio.Future[None]] = []
-        self._frames: dict[Encoding, _Frames] = {}
+        self.frames: dict[Encoding, _Frames] = {}  # per encoding, filled as viewers ask
 
     @property
     def done(self) -> bool:
@@ -91,7 +91,7 @@ class Channel:
             drop = len(self.events) - self._max_events // 2
             del self.events[:drop]
             del self.ids[:drop]
-            for frames in self._frames.values():
+            for frames in self.frames.values():
                 del frames.items[:drop]
             self.base += drop
             self.head_complete = False
@@ -127,31 +127,6 @@ class Channel:
     def id_at(self, pos: int) -> ev.StreamId:
         return self.ids[pos - self.base]
 
-    def take(self, pos: int, encoding: Encoding) -> tuple[bytes, int, bool]:
-        """(frames from pos joined into one chunk, new pos, whether the terminal was included).
-
-        Each event is encoded once per encoding, by whichever viewer reaches it
-        first; viewers at the same position share one joined chunk.
-        """
-        frames = self._frames.get(encoding)
-        if frames is None:
-            frames = self._frames[encoding] = _Frames()
-        base, items = self.base, frames.items
-        stop = min(base + len(self.events), pos + CHUNK_FRAMES)
-        if len(items) < stop - base:
-            items.extend(map(encoding.encode, self.events[len(items) : stop - base]))
-        cached_pos, cached_stop, chunk = frames.chunk
-        if cached_pos != pos or cached_stop != stop:
-            chunk = b"".join(items[pos - base : stop - base])
-            frames.chunk = (pos, stop, chunk)
-        return chunk, stop, self.terminal_at is not None and self.terminal_at < stop
-
-    def events_from(self, pos: int) -> tuple[list[ev.Event], int, bool]:
-        """(the events from pos, new pos, whether the terminal was included)."""
-        stop = min(self.end, pos + CHUNK_FRAMES)
-        terminal = self.terminal_at is not None and self.terminal_at < stop
-        return self.events[pos - self.base : stop - self.base], stop, terminal
-
 
 class View(Protocol[T_co]):
     """What a viewer hands out: a channel's events in some form, a batch at a time."""
@@ -177,15 +152,31 @@ class Encoding:
     """
 
     __slots__ = ("name", "encode")
+    empty = b""
 
     def __init__(self, name: str, encode: Callable[[ev.Event], bytes]):
         self.name = name
         self.encode = encode
 
-    empty = b""
-
     def take(self, channel: Channel, pos: int) -> tuple[bytes, int, bool]:
-        return channel.take(pos, self)
+        """(frames from pos joined into one chunk, new pos, whether the terminal was included).
+
+        Each event is encoded once per encoding, by whichever viewer reaches it
+        first; viewers at the same position share one joined chunk.
+        """
+        frames = channel.frames.get(self)
+        if frames is None:
+            frames = channel.frames[self] = _Frames()
+        base, items = channel.base, frames.items
+        stop = min(base + len(channel.events), pos + CHUNK_FRAMES)
+        if len(items) < stop - base:
+            items.extend(map(self.encode, channel.events[len(items) : stop - base]))
+        cached_pos, cached_stop, chunk = frames.chunk
+        if cached_pos != pos or cached_stop != stop:
+            chunk = b"".join(items[pos - base : stop - base])
+            frames.chunk = (pos, stop, chunk)
+        terminal_at = channel.terminal_at
+        return chunk, stop, terminal_at is not None and terminal_at < stop
 
     def of_events(self, events: list[ev.Event]) -> bytes:
         return b"".join(map(self.encode, events))
@@ -200,7 +191,10 @@ class _Events:
     empty: Sequence[ev.Event] = ()
 
     def take(self, channel: Channel, pos: int) -> tuple[Sequence[ev.Event], int, bool]:
-        return channel.events_from(pos)
+        stop = min(channel.end, pos + CHUNK_FRAMES)
+        terminal_at = channel.terminal_at
+        batch = channel.events[pos - channel.base : stop - channel.base]
+        return batch, stop, terminal_at is not None and terminal_at < stop
 
     def of_events(self, events: list[ev.Event]) -> Sequence[ev.Event]:
         return events

@@ -92,15 +92,12 @@ def _text(value: bytes | str) -> str:
 _TYPES = {t: t for t in EVENT_TYPES}
 
 
-def _field(fields: dict[Any, Any], name: str) -> str:
-    value = fields.get(name.encode())
-    return _text(fields[name] if value is None else value)
-
-
 def decode_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
     """Turn an XRANGE/XREAD entry (bytes or str fields) into an Event."""
-    etype = _field(fields, "t")
-    data_json = _field(fields, "d")
+    raw_type = fields.get(b"t")
+    etype = _text(fields["t"] if raw_type is None else raw_type)
+    raw_data = fields.get(b"d")
+    data_json = _text(fields["d"] if raw_data is None else raw_data)
     return Event(_text(entry_id), _TYPES.get(etype, etype), json.loads(data_json), data_json)
 
 
