@@ -72,7 +72,7 @@ class Channel:
         return self.base + len(self.events)
 
     @property
-    def reading(self) -> bool:
+    def active(self) -> bool:
         """Whether the hub's reader should still read this stream."""
         return self.terminal_at is None and self.failed is None and not self.closed
 
@@ -95,6 +95,11 @@ class Channel:
                 del frames.items[:drop]
             self.base += drop
             self.head_complete = False
+        self.notify()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the channel with ``exc``: its viewers raise it once they have the rest."""
+        self.failed = exc
         self.notify()
 
     def notify(self) -> None:

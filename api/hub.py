@@ -106,21 +106,20 @@ class Hub:
                 pipe.xrevrange(keys.events(channel.gen_id), count=self._max_events // 2)
                 pipe.hget(keys.meta(channel.gen_id), "tenant")
                 entries, owner = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            channel.failed = exc
+            entries.reverse()
+            channel.append(entries)
+        except (RedisError, OSError, KeyError, ValueError) as exc:  # unreachable, or malformed
             self._drop(channel)
             channel.loaded.set_exception(exc)
-            channel.notify()
+            channel.fail(exc)
             return
         except asyncio.CancelledError:
             channel.loaded.cancel()  # the hub is stopping: its joiners give up too
             raise
         if owner is not None:
             channel.owner = owner.decode() if isinstance(owner, bytes) else str(owner)
-        entries.reverse()
-        channel.append(entries)
         if len(entries) >= self._max_events // 2:
             channel.head_complete = False  # older entries may exist: viewers read them from Redis
         channel.loaded.set_result(None)
-        if channel.reading:
+        if channel.active:
             await self._reader.add(channel)

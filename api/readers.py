@@ -67,7 +67,13 @@ def deliver(batch: list[tuple[Any, list[Entry]]], channels: dict[str, Channel],
         channel = channels.get(_text(raw_key))
         if channel is None or channel.closed or not entries:
             continue
-        channel.append(entries)
+        try:
+            channel.append(entries)
+        except (KeyError, ValueError) as exc:  # a malformed entry: only its stream fails
+            logger.error("hub cannot decode an event of generation_id=%s: %r",
+                         channel.gen_id, exc)
+            channel.fail(exc)
+            continue
         if on_lag is not None:
             appended_ms = ev.parse_id(_text(entries[-1][0]))[0]
             on_lag(max(0.0, time.time() - appended_ms / 1000))
@@ -91,7 +97,7 @@ class ReadLoop:
         self.wake_key = wake_key
         self.label = label
         self.channels: dict[str, Channel] = {}  # by stream key
-        self.reading: set[str] = set()  # stream keys of the XREAD in flight
+        self.in_flight: set[str] = set()  # stream keys of the XREAD in flight
         self._redis = redis  # the pooled client: wakes, clean-up
         self._connect = connect
         self._on_lag = on_lag
@@ -104,15 +110,15 @@ class ReadLoop:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=f"tr-hub-read-{self.label}")
 
     async def add(self, channel: Channel) -> None:
         key = keys.events(channel.gen_id)
         self.channels[key] = channel
-        if self._task is None:
+        if self._task is None or self._task.done():
             self.start()
-        elif self.reading and key not in self.reading:
+        elif self.in_flight and key not in self.in_flight:
             await self._wake()
         else:
             self._changed.set()
@@ -125,7 +131,7 @@ class ReadLoop:
 
     def _active(self) -> dict[str, Channel]:
         """The channels still to read; the others are forgotten."""
-        self.channels = {key: ch for key, ch in self.channels.items() if ch.reading}
+        self.channels = {key: ch for key, ch in self.channels.items() if ch.active}
         return self.channels
 
     async def _run(self) -> None:
@@ -141,7 +147,7 @@ class ReadLoop:
                     continue
                 streams: dict[Any, Any] = {key: ch.cursor for key, ch in active.items()}
                 streams[self.wake_key] = self._wake_cursor
-                self.reading = set(active)
+                self.in_flight = set(active)
                 try:
                     if self._conn is None:
                         self._conn = await self._connect()
@@ -158,7 +164,7 @@ class ReadLoop:
                     backoff = min(backoff * 2, 2.0)
                     continue
                 finally:
-                    self.reading = set()
+                    self.in_flight = set()
                 for raw_key, entries in batch or []:
                     if _text(raw_key) == self.wake_key:
                         self._wake_cursor = _text(entries[-1][0])

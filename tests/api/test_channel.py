@@ -73,7 +73,7 @@ async def test_append_decodes_typed_events_once_and_keeps_the_stored_json() -> N
     assert [e.type for e in channel.events] == ["status", "delta", "done"]
     assert channel.events[1].data == {"content": " w1"}
     assert channel.events[1].data_json == '{"content":" w1"}'
-    assert channel.cursor == "1-2" and channel.done and not channel.reading
+    assert channel.cursor == "1-2" and channel.done and not channel.active
 
 
 async def test_each_encoding_encodes_an_event_once_for_all_its_viewers() -> None:

@@ -64,6 +64,16 @@ async def test_deliver_appends_by_stream_and_reports_lag() -> None:
     assert len(lags) == 1 and lags[0] > 1e6  # appended in 1970, by its id
 
 
+async def test_a_malformed_entry_fails_its_stream_only() -> None:
+    """An entry that does not decode fails its own channel (viewers raise); others go on."""
+    bad, good = loaded("bad"), loaded("good")
+    batch = [(keys.events("bad"), [(b"1-0", {b"t": b"delta", b"d": b"{not json"})]),
+             (keys.events("good"), [(b"1-1", {b"t": b"delta", b"d": b"{}"})])]
+    deliver(batch, {keys.events("bad"): bad, keys.events("good"): good}, None)
+    assert isinstance(bad.failed, ValueError) and not bad.active
+    assert [e.id for e in good.events] == ["1-1"] and good.active
+
+
 async def test_single_reader_reads_every_stream_and_a_new_one_wakes_its_read(
     redis_server: RedisServer, redis: Redis,
 ) -> None:
