@@ -3,14 +3,13 @@
 A generation's events are entries of a Redis Stream with two fields, ``t`` (the
 event type) and ``d`` (its JSON data). An :class:`Event` decoded from an entry
 keeps that JSON text, and its SSE frame ``id: <entry id>\\nevent: <t>\\ndata: <d>\\n\\n``
-writes it as is, so the API never re-serialises an event.
+writes it as is, so the API never re-serialises (nor, for SSE, parses) an event.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 STATUS = "status"
@@ -61,20 +60,52 @@ def dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
-@dataclass(frozen=True, slots=True)
 class Event:
-    """One event of a generation's stream."""
+    """One event of a generation's stream: ``id``, ``type`` and its ``data``.
 
-    id: str
-    type: str
-    data: dict[str, Any]
-    # ``data`` as stored in the stream ("" when the event was built by hand): what
-    # encoders write, so that the wire carries the stored bytes, not a re-encoding.
-    data_json: str = field(default="", compare=False, repr=False)
+    An event decoded from a stream entry keeps the stored JSON (``data_json``),
+    which encoders write as is, and parses it into ``data`` when that is first
+    read: a process that only relays SSE never parses an event. The API shares
+    one Event among all its consumers: treat it, and its data, as read-only.
+    """
+
+    __slots__ = ("id", "type", "_data", "_json")
+
+    def __init__(self, id: str, type: str, data: dict[str, Any] | None = None,
+                 data_json: str = ""):
+        if data is None and not data_json:
+            raise ValueError("an event needs its data or its stored JSON")
+        self.id = id
+        self.type = type
+        self._data = data
+        self._json = data_json
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = json.loads(self._json)
+        return self._data
+
+    @property
+    def data_json(self) -> str:
+        """The data as stored in the stream (compact JSON when the event was built by hand)."""
+        if not self._json:
+            self._json = dumps(self.data)
+        return self._json
 
     @property
     def terminal(self) -> bool:
         return self.type in TERMINAL_TYPES
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (self.id, self.type, self.data) == (other.id, other.type, other.data)
+
+    __hash__ = None  # type: ignore[assignment]  # equal by its (mutable) data
+
+    def __repr__(self) -> str:
+        return f"Event(id={self.id!r}, type={self.type!r}, data={self.data!r})"
 
 
 def entry_fields(event_type: str, data: dict[str, Any]) -> dict[str, str]:
@@ -98,7 +129,7 @@ def decode_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
     etype = _text(fields["t"] if raw_type is None else raw_type)
     raw_data = fields.get(b"d")
     data_json = _text(fields["d"] if raw_data is None else raw_data)
-    return Event(_text(entry_id), _TYPES.get(etype, etype), json.loads(data_json), data_json)
+    return Event(_text(entry_id), _TYPES.get(etype, etype), data_json=data_json)
 
 
 def encode_sse(entry_id: str, event_type: str, data_json: str) -> bytes:
@@ -108,7 +139,7 @@ def encode_sse(entry_id: str, event_type: str, data_json: str) -> bytes:
 
 def encode_event(event: Event) -> bytes:
     """The SSE frame of ``event``, with its stored JSON when it has one."""
-    return encode_sse(event.id, event.type, event.data_json or dumps(event.data))
+    return encode_sse(event.id, event.type, event.data_json)
 
 
 def parse_sse(payload: str) -> list[Event]:

@@ -67,10 +67,10 @@ async def test_deliver_appends_by_stream_and_reports_lag() -> None:
 async def test_a_malformed_entry_fails_its_stream_only() -> None:
     """An entry that does not decode fails its own channel (viewers raise); others go on."""
     bad, good = loaded("bad"), loaded("good")
-    batch = [(keys.events("bad"), [(b"1-0", {b"t": b"delta", b"d": b"{not json"})]),
+    batch = [(keys.events("bad"), [(b"1-0", {b"type": b"delta", b"data": b"{}"})]),
              (keys.events("good"), [(b"1-1", {b"t": b"delta", b"d": b"{}"})])]
     deliver(batch, {keys.events("bad"): bad, keys.events("good"): good}, None)
-    assert isinstance(bad.failed, ValueError) and not bad.active
+    assert isinstance(bad.failed, KeyError) and not bad.active
     assert [e.id for e in good.events] == ["1-1"] and good.active
 
 
