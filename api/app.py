@@ -12,13 +12,14 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from tokenrelay.api.cluster_hub import ClusterHub
 from tokenrelay.api.deps import AppState
 from tokenrelay.api.errors import add_exception_handlers
+from tokenrelay.api.fastpath import EventsFastPath
 from tokenrelay.api.hub import Hub
 from tokenrelay.api.metrics import Metrics
 from tokenrelay.api.middleware import BodyLimit, RequestContext
 from tokenrelay.api.openai_errors import add_openai_errors
+from tokenrelay.api.readers import create_reader
 from tokenrelay.api.routes import (
     generations,
     health,
@@ -29,7 +30,6 @@ from tokenrelay.api.routes import (
     web,
 )
 from tokenrelay.api.sse import Connections
-from tokenrelay.api.streaming import EventsFastPath
 from tokenrelay.api.tokens import StreamTokens, load_secret
 from tokenrelay.shared.logs import configure as configure_logging
 from tokenrelay.shared.queue import open_queue, redis_settings
@@ -78,10 +78,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not tenants:
             logger.warning("TOKENRELAY_API_KEYS is unset: authentication is OFF")
         secret = await load_secret(redis, settings.signing_secret)
-        hub_type = ClusterHub if settings.redis_cluster else Hub  # a Cluster reads per slot
-        hub = hub_type(redis, settings.redis_url, settings.hub_history_frames,
-                       heartbeat_s=settings.heartbeat_s, send_timeout_s=settings.send_timeout_s)
-        hub.on_lag = app.state.metrics.hub_lag.observe
+        reader = create_reader(redis, settings.redis_url, cluster=settings.redis_cluster,
+                               on_lag=app.state.metrics.hub_lag.observe)
+        hub = Hub(redis, reader, settings.hub_history_frames,
+                  heartbeat_s=settings.heartbeat_s, send_timeout_s=settings.send_timeout_s)
         hub.start()
         _drain_on_exit_signal(hub.connections)
         app.state.tr = AppState(
@@ -106,7 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Resumable, shareable LLM streams: queue → worker → Redis Stream → SSE.",
         lifespan=lifespan,
     )
-    add_exception_handlers(app)
+    errors = add_exception_handlers(app)
+    add_openai_errors(app, errors)  # OpenAI's error shape on the OpenAI paths
     app.include_router(generations.router)
     app.include_router(threads.router)
     app.include_router(health.router)
@@ -116,7 +117,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.state.metrics = Metrics()
     app.add_middleware(EventsFastPath)  # innermost: SSE viewers skip the router's layers
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, errors=errors)
     app.add_middleware(RequestContext, metrics=app.state.metrics)
-    add_openai_errors(app)  # outermost: OpenAI's error shape on the OpenAI paths
     return app

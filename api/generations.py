@@ -9,11 +9,10 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from tokenrelay.api.channel import SSE, Channel, Viewer
 from tokenrelay.api.deps import AppState, Principal
-from tokenrelay.api.hub import Channel
 from tokenrelay.api.schemas import ErrorInfo, GenerationCreate, GenerationCreated, GenerationStatus
 from tokenrelay.api.sse import EventStreamResponse
-from tokenrelay.api.streaming import Viewer
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys, lifecycle, limits, queue, streams
 from tokenrelay.shared.errors import (
@@ -272,7 +271,7 @@ def event_stream(
     ``channel``: the viewer's hub registration, when the caller has joined already.
     """
     return EventStreamResponse(
-        Viewer(state.hub, state.redis, gen_id, after, channel),
+        Viewer(state.hub, gen_id, after, SSE, channel),
         state.hub.connections,
         preamble=ev.RETRY_FRAME,
         status_code=status_code,

@@ -6,7 +6,7 @@ import secrets
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenrelay.api.errors import error_response
+from tokenrelay.api.errors import ErrorShapes, Failure
 from tokenrelay.api.metrics import Metrics
 from tokenrelay.shared.logs import request_id
 
@@ -18,9 +18,10 @@ class BodyLimit:
     and replayed to the app: the app never sees a partial body.
     """
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, limit: int, errors: ErrorShapes):
         self.app = app
         self.limit = limit
+        self.errors = errors  # the error shape of the request's path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -51,9 +52,8 @@ class BodyLimit:
         await self.app(scope, _replay([body], receive), send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
-            413, "payload_too_large", f"request body over {self.limit} bytes"
-        )
+        failure = Failure(413, "payload_too_large", f"request body over {self.limit} bytes")
+        response = self.errors.response(scope["path"], failure)
         await response(scope, receive, send)
 
 

@@ -17,11 +17,10 @@ The native ``id`` on every frame lets a client that knows tokenrelay resume from
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, TypeVar
 
-from tokenrelay.api.openai_errors import OpenAIError, error_body
+from tokenrelay.api.openai_errors import OpenAIError
 from tokenrelay.shared import events as ev
 
 T = TypeVar("T")
@@ -59,10 +58,6 @@ def restarted(gen_id: str) -> OpenAIError:
         f"read it again from /v1/generations/{gen_id}/events",
         type_="server_error",
     )
-
-
-def _error_body(exc: OpenAIError) -> dict[str, Any]:
-    return error_body(exc.status, exc.code, exc.message, exc.param, exc.type)
 
 
 def _delta(data: dict[str, Any]) -> dict[str, Any]:
@@ -133,11 +128,11 @@ class ChunkStream:
     def fail(self, exc: OpenAIError) -> bytes:
         """The error frame that ends a stream which cannot go on (storage lost, events expired)."""
         self.finished = True
-        return f"data: {ev.dumps(_error_body(exc))}\n\n".encode()
+        return f"data: {ev.dumps(exc.body())}\n\n".encode()
 
     def _error(self, event_id: str, exc: OpenAIError) -> bytes:
         self.finished = True
-        return self._frame(event_id, _error_body(exc))
+        return self._frame(event_id, exc.body())
 
     @staticmethod
     def _frame(event_id: str, data: dict[str, Any]) -> bytes:
@@ -218,20 +213,6 @@ class Completion:
             }],
             "usage": self.terminal.data.get("usage"),
         }
-
-
-async def events_of(frames: AsyncIterator[bytes]) -> AsyncGenerator[ev.Event, None]:
-    """The events in a stream of SSE bytes (whole or split frames); closes ``frames`` after."""
-    buffer = b""
-    async with contextlib.aclosing(frames):  # type: ignore[type-var]
-        async for data in frames:
-            buffer += data
-            cut = buffer.rfind(b"\n\n")
-            if cut < 0:
-                continue
-            complete, buffer = buffer[: cut + 2], buffer[cut + 2:]
-            for event in ev.parse_sse(complete.decode()):
-                yield event
 
 
 async def _next(source: AsyncIterator[T]) -> T:

@@ -1,16 +1,15 @@
 """The event model: the single definition of the wire format.
 
 A generation's events are entries of a Redis Stream with two fields, ``t`` (the
-event type) and ``d`` (its JSON data). The SSE frame of an entry is
-``id: <entry id>\\nevent: <t>\\ndata: <d>\\n\\n``; the stored JSON is written to
-the wire as is, so the API never re-serialises an event.
+event type) and ``d`` (its JSON data). An :class:`Event` decoded from an entry
+keeps that JSON text, and its SSE frame ``id: <entry id>\\nevent: <t>\\ndata: <d>\\n\\n``
+writes it as is, so the API never re-serialises (nor, for SSE, parses) an event.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from tokenrelay.shared.redis import text
@@ -64,17 +63,52 @@ def dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
-@dataclass(frozen=True, slots=True)
 class Event:
-    """One event of a generation's stream."""
+    """One event of a generation's stream: ``id``, ``type`` and its ``data``.
 
-    id: str
-    type: str
-    data: dict[str, Any]
+    An event decoded from a stream entry keeps the stored JSON (``data_json``),
+    which encoders write as is, and parses it into ``data`` when that is first
+    read: a process that only relays SSE never parses an event. The API shares
+    one Event among all its consumers: treat it, and its data, as read-only.
+    """
+
+    __slots__ = ("id", "type", "_data", "_json")
+
+    def __init__(self, id: str, type: str, data: dict[str, Any] | None = None,
+                 data_json: str = ""):
+        if data is None and not data_json:
+            raise ValueError("an event needs its data or its stored JSON")
+        self.id = id
+        self.type = type
+        self._data = data
+        self._json = data_json
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = json.loads(self._json)
+        return self._data
+
+    @property
+    def data_json(self) -> str:
+        """The data as stored in the stream (compact JSON when the event was built by hand)."""
+        if not self._json:
+            self._json = dumps(self.data)
+        return self._json
 
     @property
     def terminal(self) -> bool:
         return self.type in TERMINAL_TYPES
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (self.id, self.type, self.data) == (other.id, other.type, other.data)
+
+    __hash__ = None  # type: ignore[assignment]  # equal by its (mutable) data
+
+    def __repr__(self) -> str:
+        return f"Event(id={self.id!r}, type={self.type!r}, data={self.data!r})"
 
 
 def entry_fields(event_type: str, data: dict[str, Any]) -> dict[str, str]:
@@ -84,10 +118,17 @@ def entry_fields(event_type: str, data: dict[str, Any]) -> dict[str, str]:
     return {"t": event_type, "d": dumps(data)}
 
 
+# The known types by value, so that every decoded event shares one string per type.
+_TYPES = {t: t for t in EVENT_TYPES}
+
+
 def decode_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
-    """Turn an XRANGE/XREAD entry into an Event."""
-    norm = {text(k): text(v) for k, v in fields.items()}
-    return Event(text(entry_id), norm["t"], json.loads(norm["d"]))
+    """Turn an XRANGE/XREAD entry (bytes or str fields) into an Event."""
+    raw_type = fields.get(b"t")
+    etype = text(fields["t"] if raw_type is None else raw_type)
+    raw_data = fields.get(b"d")
+    data_json = text(fields["d"] if raw_data is None else raw_data)
+    return Event(text(entry_id), _TYPES.get(etype, etype), data_json=data_json)
 
 
 def encode_sse(entry_id: str, event_type: str, data_json: str) -> bytes:
@@ -96,15 +137,8 @@ def encode_sse(entry_id: str, event_type: str, data_json: str) -> bytes:
 
 
 def encode_event(event: Event) -> bytes:
-    return encode_sse(event.id, event.type, dumps(event.data))
-
-
-def frame_of_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> tuple[str, str, bytes]:
-    """(id, type, SSE frame) of a raw stream entry, without parsing its JSON."""
-    eid = text(entry_id)
-    etype = text(fields[b"t"] if b"t" in fields else fields["t"])
-    data = text(fields[b"d"] if b"d" in fields else fields["d"])
-    return eid, etype, encode_sse(eid, etype, data)
+    """The SSE frame of ``event``, with its stored JSON when it has one."""
+    return encode_sse(event.id, event.type, event.data_json)
 
 
 def parse_sse(payload: str) -> list[Event]:

@@ -12,14 +12,8 @@ import pytest
 
 from tokenrelay.api import openai_request
 from tokenrelay.api.openai_errors import OpenAIError
-from tokenrelay.api.openai_response import (
-    DONE_FRAME,
-    ChunkStream,
-    Completion,
-    events_of,
-    with_heartbeat,
-)
-from tokenrelay.shared.events import Event, encode_event
+from tokenrelay.api.openai_response import DONE_FRAME, ChunkStream, Completion, with_heartbeat
+from tokenrelay.shared.events import Event
 
 GEN = "gen_" + "0" * 32
 
@@ -177,19 +171,6 @@ def test_null_and_label_only_parameters_are_accepted() -> None:
     assert request.include_usage and not request.stream
 
 
-async def test_events_of_reassembles_frames_split_anywhere() -> None:
-    """Events come out whole however the SSE bytes are cut."""
-    events = [ev(0, "status", status="queued"), ev(1, "delta", content="héllo"),
-              ev(2, "done", finish_reason="stop", usage=None)]
-    raw = b"retry: 1000\n\n" + b"".join(encode_event(e) for e in events)
-
-    async def pieces() -> AsyncIterator[bytes]:
-        for i in range(0, len(raw), 5):
-            yield raw[i:i + 5]
-
-    assert [e async for e in events_of(pieces())] == events
-
-
 async def test_heartbeat_ticks_while_quiet_and_loses_nothing() -> None:
     """While the source is quiet, None ticks come; the item that follows still arrives, once."""
     release = asyncio.Event()
@@ -225,14 +206,14 @@ async def test_a_stream_cut_short_ends_with_an_error_not_silence(
 
     from tokenrelay.api.routes import openai_compat
 
-    async def frames(*_: object) -> AsyncIterator[bytes]:
-        yield b"retry: 1000\n\n" + encode_event(ev(0, "status", status="queued"))
-        yield encode_event(ev(1, "delta", content="Hel"))
+    async def events(*_: object) -> AsyncIterator[Event]:
+        yield ev(0, "status", status="queued")
+        yield ev(1, "delta", content="Hel")
         if failure is not None:
             raise failure
 
-    monkeypatch.setattr(openai_compat, "viewer_frames", frames)
-    state = SimpleNamespace(hub=None, redis=None, settings=SimpleNamespace(heartbeat_s=5.0))
+    monkeypatch.setattr(openai_compat, "events_after", events)
+    state = SimpleNamespace(hub=None, settings=SimpleNamespace(heartbeat_s=5.0))
     view = ChunkStream(GEN, "m", 7, include_usage=False)
     out = b"".join([f async for f in openai_compat._chunk_frames(state, GEN, view)])  # type: ignore[arg-type]
     *_, last = frames_of(out)

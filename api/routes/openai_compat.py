@@ -18,16 +18,10 @@ from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 
 from tokenrelay.api import generations, openai_request
+from tokenrelay.api.channel import events_after
 from tokenrelay.api.deps import AppState, State, Tenant
 from tokenrelay.api.openai_errors import OpenAIError
-from tokenrelay.api.openai_response import (
-    HEARTBEAT,
-    ChunkStream,
-    Completion,
-    events_of,
-    with_heartbeat,
-)
-from tokenrelay.api.streaming import viewer_frames
+from tokenrelay.api.openai_response import HEARTBEAT, ChunkStream, Completion, with_heartbeat
 from tokenrelay.shared.events import Event
 from tokenrelay.shared.models import check_model, listed_models
 
@@ -93,12 +87,12 @@ async def chat_completions(
 def _events(
     state: AppState, gen_id: str
 ) -> contextlib.aclosing[AsyncGenerator[Event | None, None]]:
-    """The generation's events from its start, None after each quiet HEARTBEAT_S.
+    """The generation's typed events from its start, None after each quiet HEARTBEAT_S.
 
     Closing it (on leaving the ``async with``) leaves the hub at once.
     """
-    frames = viewer_frames(state.hub, state.redis, gen_id, None)
-    return contextlib.aclosing(with_heartbeat(events_of(frames), state.settings.heartbeat_s))
+    events = events_after(state.hub, gen_id, None)
+    return contextlib.aclosing(with_heartbeat(events, state.settings.heartbeat_s))
 
 
 async def _chunk_frames(state: AppState, gen_id: str, view: ChunkStream) -> AsyncIterator[bytes]:

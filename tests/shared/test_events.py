@@ -28,9 +28,17 @@ def test_entry_to_sse_and_back_round_trips(sid: ev.StreamId, etype: str, data: d
     fields = ev.entry_fields(etype, data)
     decoded = ev.decode_entry(eid.encode(), {k.encode(): v.encode() for k, v in fields.items()})
     assert decoded == ev.Event(eid, etype, data)
-    _, _, frame = ev.frame_of_entry(eid, fields)
-    assert frame == ev.encode_event(decoded)
+    frame = ev.encode_event(decoded)
+    assert frame == ev.encode_event(ev.Event(eid, etype, data))  # stored JSON = compact dumps
     assert ev.parse_sse(frame.decode()) == [decoded]
+
+
+def test_sse_frame_writes_the_stored_json_as_is() -> None:
+    """A decoded event's frame carries the stored JSON byte for byte, never a re-encoding."""
+    stored = '{"content": "spaced",  "n": 1.50}'
+    decoded = ev.decode_entry("5-1", {"t": "delta", "d": stored})
+    assert decoded.data == {"content": "spaced", "n": 1.5}
+    assert ev.encode_event(decoded) == f"id: 5-1\nevent: delta\ndata: {stored}\n\n".encode()
 
 
 @given(stream_ids)

@@ -1,0 +1,315 @@
+"""A channel (one generation's stream held in this process's memory) and its viewers.
+
+    hub reader ──append(entries)──▶ Channel: ids, events (typed, decoded once)
+                                      └─ frames per encoding (SSE, ...: encoded once)
+    Viewer ──take(pos)──▶ a View of the channel: an encoding's frames, or the events
+
+A channel holds the events of one generation in order, shared by all its local
+viewers; a viewer is only a position in that list, so its own memory is constant
+and a slow viewer slows nobody. Each wire protocol is an :class:`Encoding`: the
+first of its viewers to reach an event encodes it, once per process, and every
+viewer at the same position writes the same joined chunk. A viewer parks a future
+on the channel; one ``notify`` per read batch wakes them all. The list is capped;
+a viewer that falls behind the cap reads the missing part from Redis at its own
+pace, and re-seeks in the channel by event id, so no seam has a gap or duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
+
+from tokenrelay.api.sse import Connection
+from tokenrelay.shared import events as ev
+
+# At most this many events in one hand-out: bounds a viewer's chunk, and so the
+# bytes one stalled socket can hold beyond its transport's high-water mark.
+CHUNK_FRAMES = 256
+
+Entry = tuple[bytes | str, dict[Any, Any]]  # one XRANGE/XREAD entry: (id, fields)
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class _Frames:
+    """One encoding's frames of a channel's events (from ``base``), filled as viewers ask."""
+
+    __slots__ = ("items", "chunk")
+
+    def __init__(self) -> None:
+        self.items: list[bytes] = []
+        self.chunk: tuple[int, int, bytes] = (-1, -1, b"")  # (pos, stop, joined frames)
+
+
+class Channel:
+    """The in-memory tail of one generation's stream, shared by this process's viewers."""
+
+    def __init__(self, gen_id: str, max_events: int):
+        self.gen_id = gen_id
+        self.ids: list[ev.StreamId] = []
+        self.events: list[ev.Event] = []
+        self.terminal_at: int | None = None  # absolute index of the terminal event
+        self.base = 0  # absolute index of events[0]
+        self.head_complete = True  # False when entries before ids[0] exist only in Redis
+        self.cursor = "0-0"  # last entry id read from Redis
+        self.owner: str | None = None  # the tenant, read with the tail (None: meta gone)
+        self.viewers = 0
+        self.closed = False  # left by its last viewer: nothing reads or serves it any more
+        self.failed: BaseException | None = None
+        self.loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._max_events = max_events
+        self._waiters: list[asyncio.Future[None]] = []
+        self.frames: dict[Encoding, _Frames] = {}  # per encoding, filled as viewers ask
+
+    @property
+    def done(self) -> bool:
+        return self.terminal_at is not None
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.events)
+
+    @property
+    def active(self) -> bool:
+        """Whether the hub's reader should still read this stream."""
+        return self.terminal_at is None and self.failed is None and not self.closed
+
+    def append(self, entries: list[Entry]) -> None:
+        """Take entries read from Redis, in order, and wake every parked viewer."""
+        if not entries:
+            return
+        for entry_id, fields in entries:
+            event = ev.decode_entry(entry_id, fields)
+            self.ids.append(ev.parse_id(event.id))
+            self.events.append(event)
+            if event.type in ev.TERMINAL_TYPES:
+                self.terminal_at = self.end - 1
+        self.cursor = self.events[-1].id
+        if len(self.events) > self._max_events:
+            drop = len(self.events) - self._max_events // 2
+            del self.events[:drop]
+            del self.ids[:drop]
+            for frames in self.frames.values():
+                del frames.items[:drop]
+            self.base += drop
+            self.head_complete = False
+        self.notify()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the channel with ``exc``: its viewers raise it once they have the rest."""
+        self.failed = exc
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake every parked viewer (one future each, resolved in one pass)."""
+        waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+    def park(self, future: asyncio.Future[None]) -> None:
+        """Resolve ``future`` at the next append (or failure)."""
+        waiters = self._waiters
+        waiters.append(future)
+        if len(waiters) > 2 * self.viewers + 64:
+            # Viewers that left while parked leave done futures behind; drop them.
+            self._waiters = [f for f in waiters if not f.done()]
+
+    @property
+    def parked(self) -> int:
+        return sum(1 for f in self._waiters if not f.done())
+
+    def position_after(self, last: ev.StreamId | None) -> int | None:
+        """Absolute index of the first event after ``last``; None if that part was trimmed."""
+        if last is None:
+            return self.base if self.head_complete else None
+        if not self.head_complete and (not self.ids or last < self.ids[0]):
+            return None
+        return self.base + bisect.bisect_right(self.ids, last)
+
+    def id_at(self, pos: int) -> ev.StreamId:
+        return self.ids[pos - self.base]
+
+
+class View(Protocol[T_co]):
+    """What a viewer hands out: a channel's events in some form, a batch at a time."""
+
+    @property
+    def empty(self) -> T_co:
+        """The batch of nothing (woken with nothing new)."""
+
+    def take(self, channel: Channel, pos: int) -> tuple[T_co, int, bool]:
+        """(the batch from ``pos``, new pos, whether the terminal was included)."""
+
+    def of_events(self, events: list[ev.Event]) -> T_co:
+        """The batch of events read from Redis (a viewer behind the channel's memory)."""
+
+
+class Encoding:
+    """A wire protocol as a View: each event's bytes, computed once per event per process.
+
+    A protocol whose frame is a function of the event alone is one instance of
+    this class (``Encoding("name", encode)``); its viewers share the channel's
+    frames. A protocol with state per client (the OpenAI Chat Completions facade:
+    model name, first chunk) reads the typed events (:data:`EVENTS`) instead.
+    """
+
+    __slots__ = ("name", "encode")
+    empty = b""
+
+    def __init__(self, name: str, encode: Callable[[ev.Event], bytes]):
+        self.name = name
+        self.encode = encode
+
+    def take(self, channel: Channel, pos: int) -> tuple[bytes, int, bool]:
+        """(frames from pos joined into one chunk, new pos, whether the terminal was included).
+
+        Each event is encoded once per encoding, by whichever viewer reaches it
+        first; viewers at the same position share one joined chunk.
+        """
+        frames = channel.frames.get(self)
+        if frames is None:
+            frames = channel.frames[self] = _Frames()
+        base, items = channel.base, frames.items
+        stop = min(base + len(channel.events), pos + CHUNK_FRAMES)
+        if len(items) < stop - base:
+            items.extend(map(self.encode, channel.events[len(items) : stop - base]))
+        cached_pos, cached_stop, chunk = frames.chunk
+        if cached_pos != pos or cached_stop != stop:
+            chunk = b"".join(items[pos - base : stop - base])
+            frames.chunk = (pos, stop, chunk)
+        terminal_at = channel.terminal_at
+        return chunk, stop, terminal_at is not None and terminal_at < stop
+
+    def of_events(self, events: list[ev.Event]) -> bytes:
+        return b"".join(map(self.encode, events))
+
+    def __repr__(self) -> str:
+        return f"Encoding({self.name!r})"
+
+
+class _Events:
+    """The typed events themselves (decoded once per process), for in-process consumers."""
+
+    empty: Sequence[ev.Event] = ()
+
+    def take(self, channel: Channel, pos: int) -> tuple[Sequence[ev.Event], int, bool]:
+        stop = min(channel.end, pos + CHUNK_FRAMES)
+        terminal_at = channel.terminal_at
+        batch = channel.events[pos - channel.base : stop - channel.base]
+        return batch, stop, terminal_at is not None and terminal_at < stop
+
+    def of_events(self, events: list[ev.Event]) -> Sequence[ev.Event]:
+        return events
+
+
+SSE = Encoding("sse", ev.encode_event)
+EVENTS = _Events()
+
+
+class Membership(Protocol):
+    """Where viewers join their channel and read what it no longer holds (the hub)."""
+
+    async def join(self, gen_id: str) -> Channel: ...
+
+    def leave(self, channel: Channel) -> None: ...
+
+    async def read_after(self, gen_id: str, after: ev.StreamId | None) -> list[ev.Event]: ...
+
+
+class Viewer(Generic[T]):
+    """One viewer of ``gen_id``: what comes after ``after``, as ``view`` batches.
+
+    Its position is an index into the channel; when the part it needs has left
+    the channel's memory it reads a page from Redis and re-seeks by event id.
+    """
+
+    __slots__ = ("hub", "gen_id", "view", "last", "pos", "channel", "finished")
+
+    def __init__(self, hub: Membership, gen_id: str, after: ev.StreamId | None,
+                 view: View[T], channel: Channel | None = None):
+        self.hub = hub
+        self.gen_id = gen_id
+        self.view = view
+        self.last = after  # id of the last event handed out (or the client's Last-Event-ID)
+        self.pos: int | None = None  # absolute index in the channel of the next event
+        self.channel = channel  # our hub registration (given when the caller joined for us)
+        self.finished = False  # the terminal event was handed out
+
+    async def open(self) -> None:
+        """Join the hub's channel of the stream (loading its tail if we are the first)."""
+        if self.channel is None:
+            self.channel = await self.hub.join(self.gen_id)
+
+    async def next(self, conn: Connection) -> T | None:
+        """The next batch; ``view.empty`` when woken with nothing new; None after the terminal."""
+        if self.finished:
+            return None
+        channel = self.channel
+        if channel is None:
+            channel = self.channel = await self.hub.join(self.gen_id)
+        while True:
+            pos = self.pos
+            if pos is None or pos < channel.base:
+                pos = self.pos = channel.position_after(self.last)
+                if pos is None:
+                    return await self._from_redis()
+            if pos < channel.end:
+                last = self.last
+                if last is not None and channel.id_at(pos) <= last:
+                    # We are past what the channel holds here (a Redis read ran ahead of
+                    # the hub): re-seek by id instead of handing anything out twice.
+                    self.pos = channel.position_after(last)
+                    continue
+                batch, stop, terminal = self.view.take(channel, pos)
+                self.pos = stop
+                self.last = channel.id_at(stop - 1)
+                self.finished = terminal
+                return batch
+            if channel.failed is not None:
+                raise channel.failed
+            if conn.closing or conn.ping_due:
+                return self.view.empty
+            future = conn.waiter()
+            channel.park(future)
+            await future
+            if conn.closing or (conn.ping_due and channel.end <= pos):
+                return self.view.empty
+
+    async def _from_redis(self) -> T | None:
+        """The next page after ``last`` straight from Redis (memory no longer has it)."""
+        events = await self.hub.read_after(self.gen_id, self.last)
+        if not events:
+            self.finished = True  # the stream expired under us; nothing more to hand out
+            return None
+        self.last = ev.parse_id(events[-1].id)
+        self.pos = None  # re-seek in the channel by id next time
+        self.finished = any(event.terminal for event in events)
+        return self.view.of_events(events)
+
+    async def aclose(self) -> None:
+        if self.channel is not None:
+            self.hub.leave(self.channel)
+            self.channel = None
+
+
+async def events_after(
+    hub: Membership, gen_id: str, after: ev.StreamId | None
+) -> AsyncIterator[ev.Event]:
+    """The typed events of ``gen_id`` after ``after``, live, until the terminal one.
+
+    For in-process consumers (the OpenAI facade). Close it (``aclosing``) to
+    leave the hub at once.
+    """
+    viewer = Viewer(hub, gen_id, after, EVENTS)
+    loop = asyncio.get_running_loop()
+    conn = Connection(loop, None, loop.time(), gen_id)
+    try:
+        await viewer.open()
+        while (batch := await viewer.next(conn)) is not None:
+            for event in batch:
+                yield event
+    finally:
+        await viewer.aclose()

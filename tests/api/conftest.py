@@ -1,0 +1,17 @@
+"""Fixtures of the read side's tests: an in-process API server on a private Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.api.server import Api, serve
+from tokenrelay.cli.redis_server import RedisServer
+
+
+@pytest.fixture
+async def api(redis_server: RedisServer) -> AsyncIterator[Api]:
+    """One API (heartbeat 0.2 s, send timeout 0.5 s) on a private redis-server, no worker."""
+    async with serve(redis_server, heartbeat_s=0.2, send_timeout_s=0.5) as running:
+        yield running
