@@ -47,7 +47,8 @@ async def create(
 ) -> GenerationCreated:
     """Record the generation (status and its first event), then enqueue it and wake a worker."""
     settings = state.settings
-    problem = check_model(body.model, settings)
+    model = body.model or settings.default_model
+    problem = check_model(model, settings)
     if problem is not None:
         raise BadRequest(problem, code="unknown_model")
     if body.max_tokens is not None and body.max_tokens > settings.max_tokens_limit:
@@ -56,8 +57,8 @@ async def create(
     gen = streams.NewGeneration(
         id=new_generation_id(),
         tenant=tenant,
-        model=body.model,
-        request=_job_request(body),
+        model=model,
+        request=_job_request(body, model),
         created_at=streams.now(),
     )
     if idempotency_key is not None:
@@ -152,14 +153,14 @@ async def _release(state: AppState, tenant: str, gen_id: str) -> None:
     await limits.release_queue_slot(state.queue, state.settings.queue_name, gen_id)
 
 
-def _job_request(body: GenerationCreate) -> dict[str, Any]:
+def _job_request(body: GenerationCreate, model: str) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if body.tools is not None:
         extra["tools"] = body.tools
     if body.tool_choice is not None:
         extra["tool_choice"] = body.tool_choice
     return {
-        "model": body.model,
+        "model": model,
         "messages": body.chat_messages(),
         "max_tokens": body.max_tokens,
         "temperature": body.temperature,
