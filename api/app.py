@@ -21,6 +21,7 @@ from tokenrelay.api.metrics import Metrics
 from tokenrelay.api.middleware import BodyLimit, RequestContext
 from tokenrelay.api.openai_errors import add_openai_errors
 from tokenrelay.api.routes import generations, health, metrics, openai_compat, usage, web
+from tokenrelay.api.routes.docs import add_docs
 from tokenrelay.api.sse import Connections
 from tokenrelay.api.streaming import EventsFastPath
 from tokenrelay.api.tokens import StreamTokens, load_secret
@@ -97,7 +98,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Resumable, shareable LLM streams: queue → worker → Redis Stream → SSE.",
         lifespan=lifespan,
+        docs_url=None,  # served by add_docs, from local files instead of a CDN
+        redoc_url=None,
     )
+    add_docs(app)
     add_exception_handlers(app)
     app.include_router(generations.router)
     app.include_router(health.router)
