@@ -186,10 +186,11 @@ def _supervise(dev: DevStack) -> int:
 def _announce(dev: DevStack) -> None:
     url = "" if dev.url == DEFAULT_URL else f" --url {dev.url}"
     if dev.data_dir is not None:
-        data = f"data kept in {dev.data_dir}"
+        data = f"kept in {dev.data_dir}"
     elif dev.redis is not None:
-        data = "data is gone when dev stops (--data-dir DIR keeps it)"
+        data = "gone when dev stops; --data-dir DIR keeps it"
     else:
-        data = "data in the Redis at TOKENRELAY_REDIS_URL"
-    print(f"tokenrelay is running at {dev.url}  (Ctrl-C stops it; {data})", flush=True)
+        data = "in the Redis at TOKENRELAY_REDIS_URL"
+    print(f"tokenrelay is running at {dev.url}  (Ctrl-C stops it)", flush=True)
+    print(f"data: {data}", flush=True)
     print(f'try: tokenrelay chat "hello"{url}', flush=True)
