@@ -91,7 +91,7 @@ class Spinner:
         self.console = console
         self.enabled = console.is_terminal and not console.is_dumb_terminal
         self.label = ""
-        self._spinner = RichSpinner("dots", text=self.label)
+        self._spinner = RichSpinner("dots", text=Text())
         self._live: Live | None = None
 
     def start(self, label: str) -> None:
@@ -105,7 +105,7 @@ class Spinner:
 
     def update(self, label: str) -> None:
         self.label = label
-        self._spinner.update(text=label)
+        self._spinner.update(text=Text(label))  # a Text: no markup in labels
 
     def stop(self) -> None:
         if self._live is None:
