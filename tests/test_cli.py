@@ -7,12 +7,9 @@ terminals are pseudo-terminals, and Ctrl-C is a real SIGINT.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -21,8 +18,9 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
+from tests.cli.terminal import Cli, clean_env, gen_id_in, run
 from tests.client import create, status
-from tests.stack import ROOT, Stack, wait_for
+from tests.stack import Stack, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -35,107 +33,6 @@ def cli_stack() -> Iterator[Stack]:
     s = Stack(apis=1, workers=1, env={"TOKENRELAY_FAKE_TPS": "200"})
     yield s
     s.stop()
-
-
-class Drain:
-    """Reads one output of a process (a pipe or a pty master) into memory, in a thread."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.data = b""
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                chunk = os.read(self.fd, 65536)
-            except OSError:  # EIO: the pty's other side is gone
-                break
-            if not chunk:
-                break
-            self.data += chunk
-        os.close(self.fd)
-
-    @property
-    def text(self) -> str:
-        return self.data.decode(errors="replace")
-
-
-class Cli:
-    """``tokenrelay ARGS`` in a subprocess; ``tty`` names the streams that get a terminal."""
-
-    def __init__(self, *args: str, tty: tuple[str, ...] = ()):
-        streams: dict[str, Any] = {}
-        self._close: list[int] = []
-        self.masters: dict[str, int] = {}
-        readers: dict[str, int] = {}
-        for name in ("stdin", "stdout", "stderr"):
-            if name in tty:
-                master, slave = os.openpty()
-                streams[name] = slave
-                self._close.append(slave)
-                self.masters[name] = master
-                if name != "stdin":
-                    readers[name] = master
-            elif name == "stdin":
-                streams[name] = subprocess.DEVNULL
-            else:
-                r, w = os.pipe()
-                streams[name] = w
-                self._close.append(w)
-                readers[name] = r
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "tokenrelay", *args], cwd=ROOT,
-            env={k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")},
-            **streams,
-        )
-        for fd in self._close:
-            os.close(fd)
-        self.out = Drain(readers["stdout"])
-        self.err = Drain(readers["stderr"])
-
-    def wait_until(self, predicate: Any, what: str, timeout: float = 20) -> None:
-        """Poll ``predicate(self)``; on timeout, fail showing what the process printed."""
-        try:
-            wait_for(lambda: predicate(self), timeout, what=what)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\nstdout: {self.out.text[-500:]!r}\n"
-                                 f"stderr: {self.err.text[-2000:]!r}") from None
-
-    def type(self, text: str) -> None:
-        os.write(self.masters["stdin"], text.encode())
-
-    def wait(self, timeout: float = 60) -> int:
-        code = self.popen.wait(timeout)
-        self.out.thread.join(10)
-        self.err.thread.join(10)
-        if "stdin" in self.masters:
-            os.close(self.masters["stdin"])
-        return code
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.wait()
-
-    @property
-    def stdout(self) -> str:
-        """What was printed, less the newline the client ends with."""
-        text = self.out.text
-        return text[:-1] if text.endswith("\n") else text
-
-
-def run(*args: str, timeout: float = 60) -> Cli:
-    cli = Cli(*args)
-    cli.wait(timeout)
-    return cli
-
-
-def gen_id_in(stderr: str) -> str:
-    found = re.findall(r"gen_[0-9a-f]{32}", stderr)
-    assert found, f"no generation id in: {stderr!r}"
-    return found[-1]
 
 
 class CuttingProxy:
@@ -498,3 +395,97 @@ def test_api_key_and_share_link() -> None:
         assert run("watch", created["id"], "--url", s.url).popen.returncode == 2
     finally:
         s.stop()
+
+
+# ---- the first five minutes: output, stdin, version, help ---------------------------------
+
+COLOUR = re.compile(r"\x1b\[[0-9;]*(?:3[0-7]|9[0-7]|38;[0-9;]+)m")  # an SGR foreground colour
+
+
+def test_summary_and_errors_are_coloured_on_a_terminal(cli_stack: Stack) -> None:
+    """On a terminal the summary line and an error are coloured; the answer on stdout is not."""
+    done = Cli("chat", "colour me", "--url", cli_stack.url, tty=("stderr",))
+    assert done.wait() == 0
+    summary = done.err.text.strip().splitlines()[-1]
+    assert COLOUR.search(summary), repr(summary)
+    assert done.stdout == "colour me"
+
+    refused = Cli("chat", "x", "--model", "nope:x", "--url", cli_stack.url, tty=("stderr",))
+    assert refused.wait() == 2
+    assert COLOUR.search(refused.err.text), repr(refused.err.text)
+    assert "unknown_model" in refused.err.text
+
+
+def test_no_colour_with_NO_COLOR_or_without_a_terminal(cli_stack: Stack) -> None:
+    """NO_COLOR on a terminal, or a pipe, gives the same words without a colour code."""
+    no_color = Cli("chat", "plain", "--url", cli_stack.url, tty=("stderr",),
+                   env=clean_env(NO_COLOR="1"))
+    assert no_color.wait() == 0
+    assert not COLOUR.search(no_color.err.text), repr(no_color.err.text)
+    assert "completed" in no_color.err.text
+
+    piped = run("chat", "x", "--model", "nope:x", "--url", cli_stack.url)
+    assert piped.popen.returncode == 2
+    assert piped.err.text.startswith("error: ") and "\x1b" not in piped.err.text
+
+
+def test_prompt_from_stdin(cli_stack: Stack) -> None:
+    """`echo … | tokenrelay chat -` reads the prompt from stdin; so does no prompt at all when
+    stdin is not a terminal."""
+    dash = run("chat", "-", "--url", cli_stack.url, stdin=b"piped prompt\n")
+    assert dash.popen.returncode == 0, dash.err.text
+    assert dash.stdout == "piped prompt"
+    bare = run("chat", "--url", cli_stack.url, stdin=b"no prompt given\n")
+    assert bare.popen.returncode == 0, bare.err.text
+    assert bare.stdout == "no prompt given"
+
+
+def test_no_prompt_on_a_terminal_is_a_usage_error() -> None:
+    """With no prompt and a terminal on stdin, chat says how to give one instead of waiting."""
+    cli = Cli("chat", "--url", "http://127.0.0.1:9", tty=("stdin",))
+    try:
+        assert cli.wait(20) == 2
+    finally:
+        cli.kill()
+    assert "echo hi | tokenrelay chat -" in cli.err.text
+
+
+def test_version() -> None:
+    """`tokenrelay --version` prints the installed version."""
+    from tokenrelay import __version__
+
+    cli = run("--version")
+    assert cli.popen.returncode == 0
+    assert cli.out.text.strip() == f"tokenrelay {__version__}"
+
+
+def test_help_describes_every_option_and_has_no_markup() -> None:
+    """`dev`, `api` and `worker` --help describe each option; the top-level help reads as
+    plain text (no reStructuredText)."""
+    top = run("--help")
+    assert top.popen.returncode == 0
+    assert "``" not in top.out.text
+    assert "tokenrelay dev" in top.out.text
+    for command in ("dev", "api", "worker"):
+        cli = run(command, "--help")
+        assert cli.popen.returncode == 0
+        text = cli.out.text.split("options:", 1)[1]
+        # One entry per option: "  --name METAVAR  help", whose help may wrap onto more lines.
+        entries = re.split(r"\n  (?=-)", "\n" + text.strip("\n"))[1:]
+        assert entries, text
+        for entry in entries:
+            words = re.sub(r"^(-[-\w]+(?: [A-Z_]+)?(?:, )?)+", "", entry.strip())
+            assert len(words.split()) >= 3, f"{command}: no description for {entry!r}"
+
+
+def test_watch_after_an_event_reports_no_first_token(cli_stack: Stack) -> None:
+    """watch --after did not see the first token, so its summary gives no time to it."""
+    gen_id = create(cli_stack.url, model="fake:lorem", prompt="x", max_tokens=30)["id"]
+    whole = run("watch", gen_id, "--url", cli_stack.url)
+    assert whole.popen.returncode == 0
+    assert "first token" in whole.err.text  # from the start it did
+    deltas = [eid for eid, etype, _ in event_ids(cli_stack.url, gen_id) if etype == "delta"]
+    rest = run("watch", gen_id, "--after", deltas[3], "--url", cli_stack.url)
+    assert rest.popen.returncode == 0
+    summary = rest.err.text.strip().splitlines()[-1]
+    assert summary.startswith("[completed") and "first token" not in summary, summary

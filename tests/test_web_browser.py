@@ -11,7 +11,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from tests.client import status
@@ -48,7 +50,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(_MISSING is not None, reason=
 if _MISSING is None:
     from playwright.sync_api import expect, sync_playwright
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, BrowserContext, Page
+    from playwright.sync_api import Browser, BrowserContext, Page, Route
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +79,27 @@ class Pages:
         self.name = name
         self.contexts: list[BrowserContext] = []
         self.errors: list[str] = []
+        self.blocked: list[str] = []
 
-    def new(self, url: str) -> Page:
+    def new(self, url: str, offline: bool = False) -> Page:
+        """A page in a fresh context; ``offline``: every request to a host other than
+        127.0.0.1 is aborted (and listed in ``self.blocked``), as on a machine without internet."""
         context = self.browser.new_context(viewport={"width": 1100, "height": 900})
         self.contexts.append(context)
+        if offline:
+            context.route("**/*", self._local_only)
         page = context.new_page()
         page.on("pageerror", lambda exc: self.errors.append(str(exc)))
         page.goto(url)
         return page
+
+    def _local_only(self, route: Route) -> None:
+        url = route.request.url
+        if url.startswith("data:") or urlsplit(url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            self.blocked.append(url)
+            route.abort()
 
     def shot(self, page: Page, label: str) -> Path:
         SHOTS.mkdir(parents=True, exist_ok=True)
@@ -257,3 +272,96 @@ def test_share_link_to_an_unknown_generation_says_so(web_stack: Stack, pages: Pa
     expect(page.locator("#status")).to_have_attribute("data-status", "unavailable")
     expect(page.locator("#run-error")).to_contain_text("not_found")
     expect(page.locator("#conn")).to_have_attribute("data-state", "ended")
+
+
+# ---- the first five minutes: /docs offline, and what the page got wrong ------------------------
+
+
+def test_docs_render_without_internet(web_stack: Stack, pages: Pages) -> None:
+    """/docs shows the API's operations with every request to another host aborted: its
+    Swagger UI comes from the server itself, not from a CDN."""
+    page = pages.new(web_stack.url + "/docs", offline=True)
+    operations = page.locator(".opblock-summary-path")
+    expect(operations.first).to_be_visible()
+    paths = operations.all_text_contents()
+    assert any("/v1/generations" in p for p in paths), paths
+    assert not pages.blocked, pages.blocked
+    pages.shot(page, "docs")
+
+
+def test_redoc_renders_without_internet(web_stack: Stack, pages: Pages) -> None:
+    """/redoc too: its script is served locally, and it asks for no web font."""
+    page = pages.new(web_stack.url + "/redoc", offline=True)
+    expect(page.get_by_text("/v1/generations/{gen_id}/events").first).to_be_attached()
+    assert not pages.blocked, pages.blocked
+
+
+def test_a_failed_generation_is_not_a_dropped_connection(web_stack: Stack, pages: Pages) -> None:
+    """The stream's own `error` event ends it as failed; it is not counted as a drop."""
+    page = pages.new(web_stack.url + "/")
+    start(page, "fail please", "fake:error")
+    finished(page, "failed")
+    expect(page.locator("#run-error")).to_contain_text("upstream_error")
+    conn = page.locator("#conn")
+    assert conn.get_attribute("data-drops") == "0"
+    assert "drop" not in (conn.text_content() or "")
+
+
+def test_a_failed_create_clears_the_previous_answer(web_stack: Stack, pages: Pages) -> None:
+    """A create the server refuses shows its error alone, not under the previous answer."""
+    page = pages.new(web_stack.url + "/")
+    start(page, "first answer", "fake:echo")
+    finished(page, "completed")
+    page.fill("#model", "nope:x")
+    page.click("#send")
+    expect(page.locator("#form-error")).to_contain_text("unknown_model")
+    expect(page.locator("#run")).to_be_hidden()
+    expect(page.locator("#send")).to_be_enabled()
+    page.reload()  # and a reload does not bring the old answer back either
+    expect(page.locator("#composer")).to_be_visible()
+    expect(page.locator("#run")).to_be_hidden()
+
+
+def test_send_is_disabled_until_the_answer_ends(web_stack: Stack, pages: Pages) -> None:
+    """While an answer streams Send is disabled (a second click cannot start a second
+    generation); it comes back at the terminal event."""
+    page = pages.new(web_stack.url + "/")
+    start(page, "long", "fake:lorem", max_tokens=1000)
+    wait_for(lambda: tokens_on(page) >= 3, 20, what="first tokens on the page")
+    expect(page.locator("#send")).to_be_disabled()
+    page.press("#max-tokens", "Enter")  # implicit submission does not start one either
+    page.click("#cancel")
+    finished(page, "cancelled")
+    expect(page.locator("#send")).to_be_enabled()
+
+
+@pytest.fixture(scope="module")
+def configured_stack() -> Iterator[Stack]:
+    """A deployment with its own default model and a configured `openai:` model list."""
+    s = Stack(apis=1, workers=1, env={
+        "TOKENRELAY_DEFAULT_MODEL": "fake:lorem",
+        "TOKENRELAY_OPENAI_BASE_URL": "http://127.0.0.1:9/v1",  # never called here
+        "TOKENRELAY_OPENAI_MODELS": "house-model",
+        "TOKENRELAY_FAKE_TPS": "200",
+    })
+    yield s
+    s.stop()
+
+
+def test_model_field_offers_the_servers_models_and_default(configured_stack: Stack,
+                                                           pages: Pages) -> None:
+    """The model field starts at the server's default model and suggests what /v1/models lists;
+    sending without touching it runs that default."""
+    listed = [m["id"] for m in httpx.get(f"{configured_stack.url}/v1/models").json()["data"]]
+    assert "fake:lorem" in listed
+    page = pages.new(configured_stack.url + "/")
+    expect(page.locator("#models")).to_have_attribute("data-source", "server")
+    options = page.locator("#models option")
+    assert [o.get_attribute("value") for o in options.all()] == listed
+    expect(page.locator("#model")).to_have_value("fake:lorem")
+    page.fill("#prompt", "anything")
+    page.fill("#max-tokens", "7")
+    page.click("#send")
+    finished(page, "completed")
+    expect(page.locator("#run-model")).to_have_text("fake:lorem")
+    assert len(text_on(page).split()) == 7

@@ -1,5 +1,7 @@
 """The web page at ``/``: static HTML, CSS and one ES module from ``api/static/``, no build step.
 
+The HTML carries one value of the server's: the default model, the model field's value.
+
 Only the files listed here are served (no directory walking), with a strict
 Content-Security-Policy so that model output can never run as script even if a
 rendering bug let markup through, and ``Referrer-Policy: no-referrer`` because a
@@ -8,11 +10,14 @@ viewer page's URL carries a stream token.
 
 from __future__ import annotations
 
+import html
+from functools import lru_cache
 from pathlib import Path
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 
+from tokenrelay.api.deps import State
 from tokenrelay.shared.errors import NotFound
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -37,11 +42,16 @@ _HEADERS = {
 router = APIRouter(include_in_schema=False)
 
 
+@lru_cache(maxsize=1)
+def _page() -> str:
+    return (STATIC / "index.html").read_text(encoding="utf-8")
+
+
 @router.get("/")
-async def index() -> FileResponse:
+async def index(state: State) -> HTMLResponse:
     """The chat / live-viewer page (``/?view=ID&token=T`` opens the read-only viewer)."""
-    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8",
-                        headers=_HEADERS)
+    default_model = html.escape(state.settings.default_model, quote=True)
+    return HTMLResponse(_page().replace("{{default_model}}", default_model), headers=_HEADERS)
 
 
 @router.get("/static/{name}")

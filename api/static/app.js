@@ -92,6 +92,7 @@ function shareUrl(gen) {
 
 function attach(gen, { owner, sentAt = null }) {
   if (run && run.es) run.es.close();
+  $("send").disabled = owner; // one generation at a time: Send comes back at its end
   run = {
     ...gen,
     owner,
@@ -135,7 +136,10 @@ function open(r, manual) {
     r.retryDelay = 500;
     setConn(r.drops ? "resumed" : "live");
   };
-  es.onerror = () => {
+  es.onerror = (e) => {
+    // The server's own `error` event (the generation failed) reaches onerror too, as a
+    // MessageEvent; it is handled below as the terminal event, not as a lost connection.
+    if (e instanceof MessageEvent) return;
     if (r !== run || r.done) return;
     if (r.connected) r.drops += 1;
     r.connected = false;
@@ -258,6 +262,18 @@ function finish(r, status) {
   r.es.close();
   setStatus(status);
   setConn("ended");
+  $("send").disabled = false;
+}
+
+// Take the generation off the screen (a new one could not be created): its card would
+// otherwise sit under the error as if it were the answer to the new prompt.
+function detach() {
+  if (run && run.es) run.es.close();
+  run = null;
+  sessionStorage.removeItem(RUN_STORE);
+  show("run", false);
+  setConn("idle");
+  $("send").disabled = false;
 }
 
 function showRunError(message) {
@@ -289,9 +305,11 @@ function showFormError(message) {
 
 async function submit(event) {
   event.preventDefault();
+  if (run && run.owner && !run.done) return; // Send is disabled meanwhile; Enter is not
   showFormError("");
   const model = $("model").value.trim();
-  const body = { model, messages: [{ role: "user", content: $("prompt").value }] };
+  const body = { messages: [{ role: "user", content: $("prompt").value }] };
+  if (model) body.model = model; // empty: the server's default model
   const maxTokens = $("max-tokens").value;
   if (maxTokens) body.max_tokens = Number(maxTokens);
   $("send").disabled = true;
@@ -304,17 +322,39 @@ async function submit(event) {
     });
     if (!res.ok) {
       if (res.status === 401) $("auth").open = true;
+      detach();
       showFormError(await errorMessage(res));
       return;
     }
     const created = await res.json();
     const gen = { id: created.id, token: created.stream_token, model: created.model };
     sessionStorage.setItem(RUN_STORE, JSON.stringify(gen));
-    attach(gen, { owner: true, sentAt });
+    attach(gen, { owner: true, sentAt }); // keeps Send disabled until the terminal event
   } catch (err) {
+    detach();
     showFormError(`cannot reach the server: ${err.message}`);
-  } finally {
-    $("send").disabled = false;
+  }
+}
+
+// The models the server lists (GET /v1/models) as suggestions for the model field, whose
+// value the server filled with its default model. Without the list (no key yet, or an
+// error) the suggestions built into the page stay.
+async function loadModels() {
+  try {
+    const res = await fetch("/v1/models", { headers: authHeaders() });
+    if (!res.ok) return;
+    const body = await res.json();
+    const ids = (body.data || []).map((m) => m.id).filter((id) => typeof id === "string");
+    if (!ids.length) return;
+    const options = ids.map((id) => {
+      const option = document.createElement("option");
+      option.value = id;
+      return option;
+    });
+    $("models").replaceChildren(...options);
+    $("models").dataset.source = "server";
+  } catch {
+    // unreachable: keep the built-in suggestions
   }
 }
 
@@ -362,7 +402,11 @@ function start() {
   $("cancel").addEventListener("click", cancel);
   const key = $("api-key");
   key.value = sessionStorage.getItem(KEY_STORE) || "";
-  key.addEventListener("change", () => sessionStorage.setItem(KEY_STORE, key.value.trim()));
+  key.addEventListener("change", () => {
+    sessionStorage.setItem(KEY_STORE, key.value.trim());
+    loadModels();
+  });
+  loadModels();
   // A reload brings back the generation this tab was showing (replayed from the start).
   const saved = sessionStorage.getItem(RUN_STORE);
   if (saved) attach(JSON.parse(saved), { owner: true });
