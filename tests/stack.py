@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,11 +69,52 @@ class Process:
         return Path(self.log.name).read_text(errors="replace")
 
 
+class InProcessApi:
+    """The API served by uvicorn on a thread of the test process: for tests that need
+    one API and never kill it, it costs no interpreter start (about a second each)."""
+
+    name = "api0 (in process)"
+
+    def __init__(self, port: int, env: dict[str, str]):
+        import uvicorn
+
+        from tokenrelay.api.app import create_app
+        from tokenrelay.shared.settings import Settings
+
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(env)
+        try:  # Settings reads the environment, as the API process would
+            settings = Settings()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                log_level="critical", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="api-in-process",
+                                       daemon=True)
+        self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def output(self) -> str:
+        return ""
+
+
 class Stack:
-    """A Redis, ``apis`` API processes and ``workers`` workers, wired together."""
+    """A Redis, ``apis`` API processes and ``workers`` workers, wired together.
+
+    ``in_process``: the (one) API runs on a thread of the test process instead.
+    """
 
     def __init__(self, apis: int = 1, workers: int = 1, env: dict[str, str] | None = None,
-                 redis_url: str | None = None):
+                 redis_url: str | None = None, in_process: bool = False):
         self.redis: RedisServer | None = None
         if redis_url is None:
             self.redis = RedisServer().start()
@@ -85,11 +127,15 @@ class Stack:
             "TOKENRELAY_LOG_LEVEL": "WARNING",
             **(env or {}),
         }
-        self.apis: list[Process] = []
+        self.apis: list[Process | InProcessApi] = []
         self.ports: list[int] = []
         self.workers: list[Process] = []
         try:
-            for _ in range(apis):
+            if in_process:
+                assert apis == 1, "one API in process at most"
+                self.ports.append(free_port())
+                self.apis.append(InProcessApi(self.ports[0], self.env))
+            for _ in range(0 if in_process else apis):
                 self.add_api()
             for _ in range(workers):
                 self.add_worker()

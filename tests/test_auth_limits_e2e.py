@@ -13,6 +13,8 @@ from tests.client import collect, create, status
 from tests.stack import Stack
 from tokenrelay.api.tokens import StreamTokens
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 SECRET = "test-signing-secret"
 ACME = {"Authorization": "Bearer k-acme"}
 GLOBEX = {"Authorization": "Bearer k-globex"}
@@ -144,7 +146,7 @@ def test_idempotency_key_returns_the_same_generation_under_concurrent_retries(
 
 def test_per_tenant_concurrency_is_429_with_retry_after() -> None:
     """Past MAX_CONCURRENT_PER_TENANT active generations a tenant gets 429 + Retry-After; others don't."""
-    s = Stack(apis=1, workers=0, env={"TOKENRELAY_API_KEYS": "acme:k-acme,globex:k-globex",
+    s = Stack(apis=1, workers=0, in_process=True, env={"TOKENRELAY_API_KEYS": "acme:k-acme,globex:k-globex",
                                       "TOKENRELAY_MAX_CONCURRENT_PER_TENANT": "2"})
     try:
         first = [create(s.url, headers=ACME, model="fake:echo", prompt="x") for _ in range(2)]
@@ -163,7 +165,7 @@ def test_per_tenant_concurrency_is_429_with_retry_after() -> None:
 
 def test_queue_depth_is_503_with_retry_after() -> None:
     """Past MAX_QUEUE_DEPTH queued jobs, creates answer 503 + Retry-After and create nothing."""
-    s = Stack(apis=1, workers=0, env={"TOKENRELAY_MAX_QUEUE_DEPTH": "3"})
+    s = Stack(apis=1, workers=0, in_process=True, env={"TOKENRELAY_MAX_QUEUE_DEPTH": "3"})
     try:
         for _ in range(3):
             create(s.url, model="fake:echo", prompt="x")
@@ -191,7 +193,7 @@ def test_max_generation_s_ends_with_a_timeout_error() -> None:
 
 def test_viewers_per_process_limit_is_503() -> None:
     """Past MAX_VIEWERS_PER_PROCESS open streams, a new viewer gets 503 + Retry-After."""
-    s = Stack(apis=1, workers=0, env={"TOKENRELAY_MAX_VIEWERS_PER_PROCESS": "2"})
+    s = Stack(apis=1, workers=0, in_process=True, env={"TOKENRELAY_MAX_VIEWERS_PER_PROCESS": "2"})
     try:
         gen = create(s.url, model="fake:echo", prompt="x")
         url = f"{s.url}/v1/generations/{gen['id']}/events"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.chaos import Chaos, Config
 
+pytestmark = pytest.mark.slow  # starts real processes
 
 def test_chaos_run_loses_and_duplicates_nothing() -> None:
     """kill -9 of an API process and a worker and a Redis restart mid-run: every generation

@@ -22,6 +22,8 @@ from tests.client import collect, create, status, text_of
 from tests.stack import ROOT, Stack, wait_for
 from tokenrelay.cli.redis_server import free_port
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 COMPOSE = ROOT / "compose.yaml"
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 

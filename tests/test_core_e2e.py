@@ -14,6 +14,7 @@ from tests.fake_upstream import Record, fake_upstream
 from tests.stack import Stack, wait_for
 from tokenrelay.shared.events import Event, parse_id
 
+pytestmark = pytest.mark.slow  # starts real processes
 
 def _assert_well_formed(events: list[Event]) -> None:
     ids = [parse_id(e.id) for e in events]
@@ -48,7 +49,7 @@ def test_delta_content_equals_status_content(stack: Stack, body: dict, expected:
 
 def test_status_queued_is_readable_before_a_worker_takes_the_job() -> None:
     """With no worker running, the stream already holds `status: queued` and the status says queued."""
-    s = Stack(apis=1, workers=0)
+    s = Stack(apis=1, workers=0, in_process=True)
     try:
         gen = create(s.url, model="fake:echo", prompt="hi there")
         assert status(s.url, gen["id"])["status"] == "queued"
@@ -162,7 +163,7 @@ def test_cancel_after_the_end_is_409(stack: Stack) -> None:
 
 def test_cancel_while_queued_ends_at_once() -> None:
     """A queued generation (no worker yet) cancels immediately; a later worker does not run it."""
-    s = Stack(apis=1, workers=0)
+    s = Stack(apis=1, workers=0, in_process=True)
     try:
         gen = create(s.url, model="fake:lorem", prompt="x", max_tokens=5)
         assert httpx.post(f"{s.url}/v1/generations/{gen['id']}/cancel").status_code == 202
@@ -263,7 +264,7 @@ def test_create_answers_202_with_location_and_token(stack: Stack) -> None:
 
 def test_heartbeat_comment_while_idle() -> None:
     """An idle stream gets a `: ping` comment every HEARTBEAT_S, and starts with a retry line."""
-    s = Stack(apis=1, workers=0, env={"TOKENRELAY_HEARTBEAT_S": "0.2"})
+    s = Stack(apis=1, workers=0, in_process=True, env={"TOKENRELAY_HEARTBEAT_S": "0.2"})
     try:
         gen = create(s.url, model="fake:echo", prompt="x")
         with httpx.stream("GET", f"{s.url}/v1/generations/{gen['id']}/events", timeout=10) as r:

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 import redis
 
 from tests.client import collect, create, follow, status, text_of
@@ -15,6 +16,7 @@ from tests.stack import Stack, wait_for
 from tokenrelay.cli.redis_server import RedisServer
 from tokenrelay.shared.events import Event, parse_id
 
+pytestmark = pytest.mark.slow  # starts real processes
 
 def _running_worker_pid(stack: Stack, gen_id: str) -> int:
     client = redis.Redis.from_url(stack.redis_url)

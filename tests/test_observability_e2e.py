@@ -6,10 +6,12 @@ import json
 import re
 
 import httpx
+import pytest
 
 from tests.client import collect, create
 from tests.stack import Stack, wait_for
 
+pytestmark = pytest.mark.slow  # starts real processes
 
 def _metric(text: str, name: str, labels: str = "") -> float:
     pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else "") + r" (\S+)"

@@ -18,6 +18,8 @@ from httpx_sse import connect_sse
 from tests.client import collect, create, status, text_of
 from tests.stack import Stack, wait_for
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 KEY = "sk-acme"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPT = "the quick brown fox jumps over the lazy dog"

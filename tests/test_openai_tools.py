@@ -28,6 +28,8 @@ from tests.fake_upstream import (
 )
 from tests.stack import Stack
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 TOOLS = [
     {"type": "function", "function": {
         "name": call["name"], "strict": True,

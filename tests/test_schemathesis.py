@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.stack import Stack
+
+pytestmark = pytest.mark.slow  # starts real processes
 
 EXAMPLES_PER_OPERATION = 30
 

@@ -17,6 +17,8 @@ from tests.fake_upstream import Record, fake_upstream
 from tests.stack import Stack, wait_for
 from tokenrelay.shared.events import Event, parse_id
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 ACME = {"Authorization": "Bearer k-acme"}
 GLOBEX = {"Authorization": "Bearer k-globex"}
 MAX_CHARS = 1000

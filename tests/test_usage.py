@@ -19,6 +19,8 @@ from tests.stack import Stack, wait_for
 from tokenrelay.cli.redis_server import RedisServer
 from tokenrelay.shared import keys, streams, usage
 
+pytestmark = pytest.mark.slow  # starts real processes
+
 ALICE = {"Authorization": "Bearer k-alice"}
 BOB = {"Authorization": "Bearer k-bob"}
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -173,7 +175,7 @@ def test_usage_needs_credentials(stack: Stack) -> None:
 
 def test_cancel_of_a_queued_generation_is_counted_once() -> None:
     """A generation cancelled before any worker ran it is counted, once, as cancelled."""
-    s = Stack(apis=1, workers=0)
+    s = Stack(apis=1, workers=0, in_process=True)
     try:
         first = create(s.url, model="fake:echo", prompt="never runs")
         assert httpx.post(f"{s.url}/v1/generations/{first['id']}/cancel",

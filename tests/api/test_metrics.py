@@ -11,6 +11,7 @@ import pytest
 from tests.client import create
 from tests.stack import Stack
 
+pytestmark = pytest.mark.slow  # starts real processes
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
