@@ -15,6 +15,7 @@ from tokenrelay.api.tokens import StreamTokens
 
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 SECRET = "test-signing-secret"
 ACME = {"Authorization": "Bearer k-acme"}
 GLOBEX = {"Authorization": "Bearer k-globex"}

@@ -8,6 +8,7 @@ from bench.chaos import Chaos, Config
 
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 def test_chaos_run_loses_and_duplicates_nothing() -> None:
     """kill -9 of an API process and a worker and a Redis restart mid-run: every generation
     completes, every viewer's text equals the status content, no event lost or duplicated."""

@@ -30,6 +30,7 @@ from tokenrelay.cli.redis_server import RedisServer, free_port, redis_server_bin
 # cancel (mid-stream, closing the upstream; after the end), error.
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 test_delta_content_equals_status_content = core.test_delta_content_equals_status_content
 test_resume_after_every_k_on_either_api_process = (
     core.test_resume_after_every_k_on_either_api_process)

@@ -24,6 +24,7 @@ from tokenrelay.cli.redis_server import free_port
 
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 COMPOSE = ROOT / "compose.yaml"
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 

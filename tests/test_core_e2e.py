@@ -16,6 +16,7 @@ from tokenrelay.shared.events import Event, parse_id
 
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 def _assert_well_formed(events: list[Event]) -> None:
     ids = [parse_id(e.id) for e in events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids), "ids must strictly increase"

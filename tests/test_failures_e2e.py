@@ -18,6 +18,7 @@ from tokenrelay.shared.events import Event, parse_id
 
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 def _running_worker_pid(stack: Stack, gen_id: str) -> int:
     client = redis.Redis.from_url(stack.redis_url)
     try:

@@ -13,6 +13,7 @@ from tests.stack import Stack, wait_for
 
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 def _metric(text: str, name: str, labels: str = "") -> float:
     pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else "") + r" (\S+)"
     match = re.search(r"^" + pattern + r"$", text, re.MULTILINE)

@@ -20,6 +20,7 @@ from tests.stack import Stack, wait_for
 
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 KEY = "sk-acme"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPT = "the quick brown fox jumps over the lazy dog"

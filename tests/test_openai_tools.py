@@ -30,6 +30,7 @@ from tests.stack import Stack
 
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 TOOLS = [
     {"type": "function", "function": {
         "name": call["name"], "strict": True,

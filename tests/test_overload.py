@@ -24,6 +24,7 @@ from tokenrelay.shared.events import Event
 # running) deployment-wide; each of the 4 tenants may hold 3 of them.
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 CAPACITY = 4
 TENANTS = ["t0", "t1", "t2", "t3"]
 BURST = 10 * CAPACITY

@@ -12,6 +12,7 @@ from tests.stack import Stack
 
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 EXAMPLES_PER_OPERATION = 30
 
 

@@ -19,6 +19,7 @@ from tokenrelay.shared.events import Event, parse_id
 
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 ACME = {"Authorization": "Bearer k-acme"}
 GLOBEX = {"Authorization": "Bearer k-globex"}
 MAX_CHARS = 1000

@@ -21,6 +21,7 @@ from tokenrelay.shared import keys, streams, usage
 
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 ALICE = {"Authorization": "Bearer k-alice"}
 BOB = {"Authorization": "Bearer k-bob"}
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")

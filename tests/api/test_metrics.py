@@ -13,6 +13,7 @@ from tests.stack import Stack
 
 pytestmark = pytest.mark.slow  # starts real processes
 
+
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     """One API process and one fast worker."""
