@@ -176,7 +176,7 @@ async def _run(ctx: dict[str, Any], gen_id: str, attempt: int, cancel: asyncio.E
             logger.info("fenced: a newer attempt owns generation_id=%s", gen_id)
             return "fenced"
         if isinstance(failure, ProviderError):
-            logger.warning("provider error generation_id=%s: %s", gen_id, failure.message)
+            logger.warning("provider error generation_id=%s: %s", gen_id, failure)
             data = _error_data(failure)
         else:
             logger.error("generation failed generation_id=%s", gen_id, exc_info=failure)
@@ -249,4 +249,4 @@ async def retrying(call: Callable[[], Awaitable[T]], gen_id: str) -> T:
 
 
 def _error_data(exc: ProviderError) -> dict[str, Any]:
-    return {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
+    return exc.as_event()

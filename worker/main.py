@@ -19,6 +19,7 @@ from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
+from tokenrelay.shared.models import default_provider
 from tokenrelay.shared.redis import create_redis
 from tokenrelay.shared.settings import Settings
 from tokenrelay.worker.control import Control
@@ -122,7 +123,8 @@ def build_providers(settings: Settings) -> Providers:
         {
             "fake": FakeProvider(tps=settings.fake_tps, ttft_s=settings.fake_ttft_ms / 1000),
             "openai": OpenAICompatProvider(settings.openai_base_url, settings.openai_api_key),
-        }
+        },
+        default=default_provider(settings),
     )
 
 
