@@ -98,11 +98,14 @@ class OpenAICompatProvider:
                         if delta is not None:
                             produced += delta.size()
                             yield delta
+        except (openai.APIConnectionError, _http.TransportError) as exc:
+            # The connection broke or went silent mid-stream (openai 3 wraps the transport's
+            # error in APIConnectionError; older SDKs let it through).
+            cause = exc.__cause__ or exc
+            raise self._cut_off(produced, f"{type(cause).__name__}: {cause}") from exc
         except openai.APIError as exc:  # an error event inside a 200 stream
             raise UpstreamError("the upstream reported an error mid-stream",
                                 detail=f"{self.base_url}: {exc}") from exc
-        except _http.TransportError as exc:  # the connection broke or went silent mid-stream
-            raise self._cut_off(produced, f"{type(exc).__name__}: {exc}") from exc
         if finish_reason is None:
             raise self._cut_off(produced, "the stream ended without a finish reason")
         yield Finish(finish_reason, usage or estimate_usage(request.messages, produced))
@@ -118,7 +121,7 @@ class OpenAICompatProvider:
             return UpstreamError(
                 _status_message(status),
                 retryable=status in RETRYABLE_STATUSES or status >= 500,
-                detail=f"{self.base_url}: {exc.message}",
+                detail=f"{self.base_url}: HTTP {status}: {_body_text(exc)}",
                 data=data,
             )
         if isinstance(exc, openai.APITimeoutError):
@@ -156,6 +159,14 @@ def _status_message(status: int) -> str:
     if status >= 500:
         return f"the upstream failed (HTTP {status})"
     return f"the upstream rejected the request (HTTP {status})"
+
+
+def _body_text(exc: openai.APIStatusError) -> str:
+    """The upstream's error body as it sent it (the SDK has read it before raising)."""
+    try:
+        return exc.response.text
+    except _http.ResponseNotRead:  # pragma: no cover - read by the SDK in practice
+        return repr(exc.body)
 
 
 def public_url(url: str) -> str:
