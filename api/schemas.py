@@ -56,6 +56,7 @@ class ErrorInfo(BaseModel):
     code: str
     message: str
     retryable: bool | None = None
+    upstream_status: int | None = None  # the upstream's HTTP status, when it answered one
 
 
 class GenerationStatus(BaseModel):
@@ -64,7 +65,7 @@ class GenerationStatus(BaseModel):
     model: str
     content: str
     finish_reason: str | None
-    usage: dict[str, int] | None
+    usage: dict[str, int | bool] | None  # "estimated": true when the upstream sent none
     error: ErrorInfo | None
     created_at: float
     started_at: float | None

@@ -13,11 +13,18 @@
     └── Unavailable            503  unavailable, redis_unavailable (+ Retry-After)
 
     ProviderError                   raised by providers; becomes a terminal ``error`` event
-    ├── UpstreamError               upstream_error (retryable)
+    ├── UpstreamError               upstream_error: the upstream refused, failed or was
+    │   │                           unreachable (retryable unless it refused: 400/401/403/404/422)
+    │   └── UpstreamIncomplete      upstream_incomplete: its stream ended without a finish reason
     └── UnknownModel                unknown_model
+
+A provider error's ``message`` is what clients see: short, generic, with no upstream
+text in it. ``detail`` (the upstream's own words) goes to the log only, on one line.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class TokenRelayError(Exception):
@@ -80,9 +87,25 @@ class ProviderError(Exception):
     code = "provider_error"
     retryable = False
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, detail: str | None = None,
+                 retryable: bool | None = None, data: dict[str, Any] | None = None):
         super().__init__(message)
         self.message = message
+        self.detail = detail
+        if retryable is not None:
+            self.retryable = retryable
+        self.data = data or {}  # extra fields of the error event, e.g. upstream_status
+
+    def __str__(self) -> str:
+        """The log line: the client's message, then the upstream's own words (newlines escaped)."""
+        if not self.detail:
+            return self.message
+        return f"{self.message}: {one_line(self.detail)}"
+
+    def as_event(self) -> dict[str, Any]:
+        """The data of the terminal ``error`` event."""
+        return {"code": self.code, "message": self.message, "retryable": self.retryable,
+                **self.data}
 
 
 class UpstreamError(ProviderError):
@@ -90,5 +113,19 @@ class UpstreamError(ProviderError):
     retryable = True
 
 
+class UpstreamIncomplete(UpstreamError):
+    """The upstream's stream ended (cleanly or not) before the model said it had finished."""
+
+    code = "upstream_incomplete"
+
+
 class UnknownModel(ProviderError):
     code = "unknown_model"
+
+
+def one_line(text: str, limit: int = 2000) -> str:
+    """``text`` for one log line: control characters escaped, cut at ``limit`` characters."""
+    escaped = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+    return escaped if len(escaped) <= limit else escaped[:limit] + "..."

@@ -54,9 +54,10 @@ def cancelled() -> Ending:
     return Ending(ev.CANCELLED, {})
 
 
-def failed(code: str, message: str, *, retryable: bool) -> Ending:
-    """An ``error`` event; its data is also the status's ``error`` field."""
-    data = {"code": code, "message": message, "retryable": retryable}
+def failed(code: str, message: str, *, retryable: bool, **extra: Any) -> Ending:
+    """An ``error`` event; its data is also the status's ``error`` field. ``extra``: more
+    fields of the error (e.g. ``upstream_status``)."""
+    data = {"code": code, "message": message, "retryable": retryable, **extra}
     return Ending(ev.ERROR, data, {"error": ev.dumps(data)})
 
 

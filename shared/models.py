@@ -1,32 +1,100 @@
-"""Which models a deployment serves: ``provider:name``, checked by the API before enqueueing."""
+"""Which models a deployment serves: ``provider:name``, checked by the API before enqueueing.
+
+A bare name (``gpt-4o-mini``) means the default provider's model: ``openai:`` once an
+upstream is configured (a base URL or an API key), else it is refused.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+
+import openai
+
+from tokenrelay.shared.errors import one_line
 from tokenrelay.shared.settings import Settings
 
+logger = logging.getLogger(__name__)
+
 FAKE_MODELS = ("echo", "lorem", "error")
+# How long the upstream's model list is reused, and how long one fetch may take.
+UPSTREAM_MODELS_TTL_S = 60.0
+UPSTREAM_MODELS_TIMEOUT_S = 5.0
+
+
+def default_provider(settings: Settings) -> str | None:
+    """The provider of a bare model name: ``openai`` when an upstream is configured."""
+    return "openai" if settings.openai_base_url or settings.openai_api_key else None
 
 
 def check_model(model: str, settings: Settings) -> str | None:
     """None if ``model`` can be served here, else a message saying why not."""
     provider, sep, name = model.partition(":")
-    if not sep or not name:
+    if not sep:
+        if model and default_provider(settings) is not None:
+            return None
+        return (f"model must be 'provider:name', got {model!r} (a bare name needs an upstream: "
+                "TOKENRELAY_OPENAI_BASE_URL or an API key)")
+    if not name:
         return f"model must be 'provider:name', got {model!r}"
     if provider == "fake":
         if name not in FAKE_MODELS:
             return f"unknown fake model {name!r}; one of: {', '.join(FAKE_MODELS)}"
         return None
     if provider == "openai":
-        if not (settings.openai_base_url or settings.openai_api_key):
+        if default_provider(settings) is None:
             return "provider 'openai' is not configured (TOKENRELAY_OPENAI_BASE_URL)"
         return None
-    return f"unknown provider {provider!r}; one of: fake, openai"
+    return (f"unknown provider {provider!r}; one of: fake, openai "
+            f"(an upstream's model with ':' in its name: 'openai:{model}')")
 
 
 def listed_models(settings: Settings) -> list[str]:
     """The models /v1/models lists: the fake ones, and the configured ``openai:`` names."""
     models = [f"fake:{name}" for name in FAKE_MODELS]
-    if settings.openai_models and check_model("openai:x", settings) is None:
+    if settings.openai_models and default_provider(settings) is not None:
         names = (n.strip() for n in settings.openai_models.split(","))
         models += [f"openai:{name}" for name in names if name]
     return models
+
+
+# (base_url, api_key) -> (fetched at, the upstream's model ids)
+_upstream_models: dict[tuple[str | None, str | None], tuple[float, list[str]]] = {}
+
+
+async def available_models(settings: Settings) -> list[str]:
+    """``listed_models``; without TOKENRELAY_OPENAI_MODELS, the upstream's own list instead.
+
+    The upstream's ``GET /models`` is asked at most once a minute; when it fails, the
+    list has only the fake models (logged), and the next call asks again.
+    """
+    models = listed_models(settings)
+    if settings.openai_models or default_provider(settings) is None:
+        return models
+    key = (settings.openai_base_url, settings.openai_api_key)
+    cached = _upstream_models.get(key)
+    if cached is not None and time.monotonic() - cached[0] < UPSTREAM_MODELS_TTL_S:
+        return models + cached[1]
+    names = await _fetch_upstream_models(settings)
+    if names is None:
+        return models
+    _upstream_models[key] = (time.monotonic(), names)
+    return models + names
+
+
+async def _fetch_upstream_models(settings: Settings) -> list[str] | None:
+    client = openai.AsyncOpenAI(
+        base_url=settings.openai_base_url,
+        api_key=settings.openai_api_key or "unset",
+        max_retries=0,
+        timeout=UPSTREAM_MODELS_TIMEOUT_S,
+    )
+    try:
+        page = await client.models.list()
+        return sorted(f"openai:{model.id}" for model in page.data)
+    except openai.APIError as exc:
+        logger.warning("could not list the upstream's models at %s: %s",
+                       client.base_url, one_line(str(exc)))
+        return None
+    finally:
+        await client.close()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Every knob of tokenrelay; the README's configuration table documents each one."""
 
-    model_config = SettingsConfigDict(env_prefix="TOKENRELAY_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TOKENRELAY_", extra="ignore",
+                                      populate_by_name=True)
 
     redis_url: str | None = None
     # The arq queue and the control channels (wake-ups, cancels) on their own Redis:
@@ -31,7 +32,9 @@ class Settings(BaseSettings):
     fake_tps: float = Field(30.0, gt=0)
     fake_ttft_ms: float = Field(200.0, ge=0)
     openai_base_url: str | None = None
-    openai_api_key: str | None = None
+    # The standard OPENAI_API_KEY too, as every OpenAI client reads it.
+    openai_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("TOKENRELAY_OPENAI_API_KEY", "OPENAI_API_KEY"))
     openai_models: str | None = None  # comma-separated names listed by /v1/models
     default_model: str = "fake:echo"
     queue_name: str = "tr:queue"

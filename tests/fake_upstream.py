@@ -8,7 +8,11 @@ Behaviour is chosen by the model name:
 - ``slow``: 200 words, one every 50 ms (for cancel tests)
 - ``tools``: a reasoning_content prelude, then two tool calls streamed in fragments
 - ``tools-interleaved``: the same, with the two calls' fragments interleaved (parallel calls)
+- ``status-NNN``: HTTP NNN with an OpenAI error body over two lines (``retry-after-ms: 10``)
+- ``cutoff``: a few words, then ``[DONE]`` with no finish reason; ``empty``: no word either
 - anything else: the words of the last user message, quickly
+
+``GET /v1/models`` lists ``model-a`` and ``model-b``, and counts the calls.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ REASONING = ["Let me ", "think ", "about this."]
 class Record:
     requests: list[dict[str, Any]] = field(default_factory=list)
     completed: int = 0
+    model_lists: int = 0  # GET /v1/models calls
     disconnected: int = 0  # streams the client closed before their end
 
 
@@ -91,6 +96,10 @@ def build_app(record: Record) -> Starlette:
         if not body.get("stream"):
             return JSONResponse({"error": {"message": "only stream=True here"}}, 400)
         usage_wanted = (body.get("stream_options") or {}).get("include_usage", False)
+        if model.startswith("status-"):
+            return JSONResponse(
+                {"error": {"message": "upstream says no\nsecret detail", "type": "test"}},
+                int(model.removeprefix("status-")), headers={"retry-after-ms": "10"})
 
         async def events() -> AsyncIterator[str]:
             finished = False
@@ -103,6 +112,12 @@ def build_app(record: Record) -> Starlette:
                         await asyncio.sleep(0.05)
                         words.append(f"w{i} ")
                         yield _chunk(model, {"content": f"w{i} "})
+                elif model in ("cutoff", "empty"):
+                    for word in ["cut", " off"] if model == "cutoff" else []:
+                        yield _chunk(model, {"content": word})
+                    yield "data: [DONE]\n\n"
+                    finished = True
+                    return
                 elif model == "tools":
                     for piece in REASONING:
                         yield _chunk(model, {"reasoning_content": piece})
@@ -137,7 +152,14 @@ def build_app(record: Record) -> Starlette:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    async def models(request: Request) -> JSONResponse:
+        record.model_lists += 1
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "test"}
+            for name in ("model-a", "model-b")]})
+
+    return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"]),
+                             Route("/v1/models", models)])
 
 
 @contextmanager

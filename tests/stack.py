@@ -121,7 +121,8 @@ class Stack:
             redis_url = self.redis.url
         self.redis_url = redis_url
         self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")},
+            **{k: v for k, v in os.environ.items()
+               if not k.startswith("TOKENRELAY_") and k != "OPENAI_API_KEY"},
             "TOKENRELAY_REDIS_URL": redis_url,
             "TOKENRELAY_FAKE_TTFT_MS": "0",
             "TOKENRELAY_LOG_LEVEL": "WARNING",

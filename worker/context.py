@@ -12,6 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from tokenrelay.shared.lifecycle import Lifecycle
+from tokenrelay.shared.models import default_provider
 from tokenrelay.shared.queue import Queue
 from tokenrelay.shared.redis import OUTAGE_RETRY_S, create_redis
 from tokenrelay.shared.settings import Settings
@@ -78,5 +79,6 @@ def build_providers(settings: Settings) -> Providers:
         {
             "fake": FakeProvider(tps=settings.fake_tps, ttft_s=settings.fake_ttft_ms / 1000),
             "openai": OpenAICompatProvider(settings.openai_base_url, settings.openai_api_key),
-        }
+        },
+        default=default_provider(settings),
     )

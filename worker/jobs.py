@@ -184,14 +184,17 @@ def _outcome(pump_task: asyncio.Task[Finish], gen_id: str) -> Ending | None:
         logger.info("fenced: a newer attempt owns generation_id=%s", gen_id)
         return None
     if isinstance(failure, ProviderError):
-        logger.warning("provider error generation_id=%s: %s", gen_id, failure.message)
+        logger.warning("provider error generation_id=%s: %s", gen_id, failure)
         return _provider_failure(failure)
     logger.error("generation failed generation_id=%s", gen_id, exc_info=failure)
     return lifecycle.failed("internal_error", "the generation failed", retryable=True)
 
 
 def _provider_failure(exc: ProviderError) -> Ending:
-    return lifecycle.failed(exc.code, exc.message, retryable=exc.retryable)
+    """The client sees the provider's sanitized message; the log has the upstream's text."""
+    data = exc.as_event()
+    return lifecycle.failed(data.pop("code"), data.pop("message"),
+                            retryable=data.pop("retryable"), **data)
 
 
 async def append_with_retry(

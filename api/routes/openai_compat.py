@@ -23,7 +23,7 @@ from tokenrelay.api.deps import AppState, State, Tenant
 from tokenrelay.api.openai_errors import OpenAIError
 from tokenrelay.api.openai_response import HEARTBEAT, ChunkStream, Completion, with_heartbeat
 from tokenrelay.shared.events import Event
-from tokenrelay.shared.models import check_model, listed_models
+from tokenrelay.shared.models import available_models, check_model
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +140,9 @@ def _model_object(model_id: str) -> dict[str, Any]:
 
 @router.get("/models", responses=_ERRORS)
 async def list_models(state: State, tenant: Tenant) -> dict[str, Any]:
-    """The models this deployment lists (`openai:NAME` models are served but not listed)."""
-    return {"object": "list", "data": [_model_object(m) for m in listed_models(state.settings)]}
+    """The fake models, then TOKENRELAY_OPENAI_MODELS, or else the upstream's own list."""
+    models = await available_models(state.settings)
+    return {"object": "list", "data": [_model_object(m) for m in models]}
 
 
 @router.get("/models/{model_id:path}", responses=_ERRORS)

@@ -9,13 +9,19 @@ __all__ = ["Chunk", "Delta", "Finish", "GenerationRequest", "Provider", "Provide
 
 
 class Providers:
-    """The providers one worker process serves, keyed by the part of ``model`` before ':'."""
+    """The providers one worker process serves, keyed by the part of ``model`` before ':'.
 
-    def __init__(self, providers: dict[str, Provider]):
+    A bare name (no ':') goes to ``default``, if any (``shared.models.default_provider``).
+    """
+
+    def __init__(self, providers: dict[str, Provider], default: str | None = None):
         self._providers = providers
+        self._default = default
 
     def resolve(self, model: str) -> tuple[Provider, str]:
         prefix, sep, name = model.partition(":")
+        if not sep and self._default is not None:
+            prefix, sep, name = self._default, ":", model
         provider = self._providers.get(prefix) if sep else None
         if provider is None or not name:
             raise UnknownModel(f"unknown model {model!r}")

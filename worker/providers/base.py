@@ -5,9 +5,13 @@ Providers know nothing about Redis; they raise ``shared.errors.ProviderError``.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text and OpenAI's tokenizers
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +40,18 @@ class Delta:
             data["tool_calls"] = self.tool_calls
         return data
 
+    def size(self) -> int:
+        """Characters of output in this delta (text, reasoning, tool-call arguments)."""
+        arguments = sum(len((call.get("function") or {}).get("arguments") or "")
+                        for call in self.tool_calls or [])
+        return len(self.content or "") + len(self.reasoning or "") + arguments
+
 
 @dataclass(frozen=True, slots=True)
 class Finish:
     finish_reason: str
-    usage: dict[str, int] | None = None
+    # prompt_tokens, completion_tokens, total_tokens; "estimated": True when counted here
+    usage: dict[str, Any] | None = None
 
 
 Chunk = Delta | Finish
@@ -48,7 +59,32 @@ Chunk = Delta | Finish
 
 class Provider(Protocol):
     def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Yield deltas as they arrive, then exactly one Finish last."""
+        """Yield deltas as they arrive, then exactly one Finish last.
+
+        A Finish means the model said it ended (its finish reason). A stream that
+        stops without one raises ``UpstreamIncomplete`` instead; any other failure
+        raises a ``ProviderError``: a cut-off answer is never reported complete.
+        """
         ...
 
     async def aclose(self) -> None: ...
+
+
+def estimate_usage(messages: list[dict[str, Any]], completion_chars: int) -> dict[str, Any]:
+    """Usage for an upstream that reported none: characters / 4, rounded up, marked estimated.
+
+    The prompt counts every message's content (parts and tool calls as their JSON).
+    """
+    prompt_chars = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            prompt_chars += len(content)
+        elif content is not None:
+            prompt_chars += len(json.dumps(content))
+        if message.get("tool_calls"):
+            prompt_chars += len(json.dumps(message["tool_calls"]))
+    prompt = math.ceil(prompt_chars / CHARS_PER_TOKEN)
+    completion = math.ceil(completion_chars / CHARS_PER_TOKEN)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion, "estimated": True}

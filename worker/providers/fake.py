@@ -1,6 +1,7 @@
 """The built-in ``fake:`` provider, for demos, tests and benchmarks: no network, no key.
 
-``fake:echo`` streams the last user message back word by word, ``fake:lorem``
+``fake:echo`` streams the last user message back word by word (each word with the
+whitespace before it, so newlines and indentation come back as sent), ``fake:lorem``
 exactly ``max_tokens`` (default 64) filler words, ``fake:error`` a few words and
 then an ``upstream_error``. The first word comes ``ttft_s`` after the call, then
 one every ``1 / tps`` seconds, on an absolute schedule so the rate does not drift.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -23,6 +25,7 @@ LOREM = (
 ).split()
 DEFAULT_MAX_TOKENS = 64
 ERROR_AFTER_WORDS = 3
+WORD = re.compile(r"\s*\S+")  # a word and the whitespace before it
 
 
 def _text_of(message: dict[str, Any]) -> str:
@@ -38,6 +41,14 @@ def count_words(messages: list[dict[str, Any]]) -> int:
     return sum(len(_text_of(m).split()) for m in messages)
 
 
+def _echo_pieces(text: str) -> list[str]:
+    """``text`` cut into words, each with the whitespace before it; they join back to ``text``."""
+    pieces = WORD.findall(text)
+    if pieces:
+        pieces[-1] += text[sum(map(len, pieces)):]  # trailing whitespace rides on the last word
+    return pieces
+
+
 class FakeProvider:
     def __init__(self, tps: float, ttft_s: float):
         self.tps = tps
@@ -49,8 +60,8 @@ class FakeProvider:
     def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if request.model == "echo":
             users = [m for m in request.messages if m.get("role") == "user"]
-            words = _text_of(users[-1]).split() if users else []
-            return self._words(request, words, natural_end="stop")
+            return self._words(request, _echo_pieces(_text_of(users[-1]) if users else ""),
+                               natural_end="stop", spaced=False)
         if request.model == "lorem":
             limit = request.max_tokens or DEFAULT_MAX_TOKENS
             return self._words(request, itertools.islice(itertools.cycle(LOREM), limit), "length")
@@ -59,8 +70,10 @@ class FakeProvider:
         raise UnknownModel(f"unknown model 'fake:{request.model}' (echo, lorem, error)")
 
     async def _words(
-        self, request: GenerationRequest, words: Iterable[str], natural_end: str | None
+        self, request: GenerationRequest, words: Iterable[str], natural_end: str | None,
+        spaced: bool = True,
     ) -> AsyncIterator[Chunk]:
+        """One delta per word; ``spaced``: a space goes between words (else they carry theirs)."""
         loop = asyncio.get_running_loop()
         start = loop.time() + self.ttft_s
         limit = request.max_tokens
@@ -73,7 +86,7 @@ class FakeProvider:
             delay = start + emitted / self.tps - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            yield Delta(content=word if emitted == 0 else " " + word)
+            yield Delta(content=word if emitted == 0 or not spaced else " " + word)
             emitted += 1
         if finish_reason is None:
             raise UpstreamError("fake:error failed on purpose after a few words")

@@ -1,19 +1,54 @@
 """The ``openai:`` provider: any OpenAI-compatible Chat Completions endpoint, via the official SDK.
 
+How a stream ends: with a Finish only when the upstream named a finish reason. A
+stream that stops without one (an empty 200, ``[DONE]`` alone, a connection that
+breaks mid-answer) raises ``UpstreamIncomplete``: a cut-off answer is never complete.
+
+Errors (``upstream_status`` in the event keeps the HTTP status):
+
+    400 401 403 404 422, other 4xx        upstream_error, not retryable (fails the same again)
+    408 409 429 5xx, timeout, unreachable upstream_error, retryable
+    no finish reason, no output           upstream_incomplete, not retryable (e.g. over context)
+    no finish reason after some output    upstream_incomplete, retryable (e.g. the upstream died)
+
+Retries: the SDK retries (``MAX_RETRIES``) only before the response's headers arrive,
+and only connection errors, timeouts, 408, 409, 429 and 5xx, waiting what Retry-After
+says (up to the SDK's cap) or backing off: before the first token, so a retry cannot
+duplicate text, and a refused request (401, ...) is sent exactly once.
+
 Cancelling the consuming task closes the SDK's stream, and with it the HTTP
 connection, so the upstream stops generating (and billing).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import openai
 from openai import AsyncOpenAI
 
-from tokenrelay.shared.errors import UpstreamError
-from tokenrelay.worker.providers.base import Chunk, Delta, Finish, GenerationRequest
+from tokenrelay.shared.errors import UpstreamError, UpstreamIncomplete
+from tokenrelay.worker.providers.base import (
+    Chunk,
+    Delta,
+    Finish,
+    GenerationRequest,
+    estimate_usage,
+)
+
+try:  # the SDK's HTTP client from openai 3 on; its errors surface while a stream is read
+    import httpx2 as _http
+except ImportError:  # pragma: no cover - openai 1.x and 2.x read with httpx
+    import httpx as _http  # type: ignore[no-redef]
+
+logger = logging.getLogger(__name__)
+
+MAX_RETRIES = 2  # the SDK's own default, said out loud: see the module docstring
+CONNECT_TIMEOUT_S = 10.0
+RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and every 5xx
 
 
 class OpenAICompatProvider:
@@ -21,9 +56,10 @@ class OpenAICompatProvider:
         self._client = AsyncOpenAI(
             base_url=base_url,
             api_key=api_key or "unset",
-            max_retries=0,  # a retry after partial output would duplicate text
-            timeout=timeout_s,
+            max_retries=MAX_RETRIES,
+            timeout=openai.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S),
         )
+        self.base_url = public_url(str(self._client.base_url))
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -34,8 +70,6 @@ class OpenAICompatProvider:
             params["max_tokens"] = request.max_tokens
         if request.temperature is not None:
             params["temperature"] = request.temperature
-        finish_reason: str | None = None
-        usage: dict[str, int] | None = None
         try:
             stream = await self._client.chat.completions.create(  # type: ignore[call-overload]
                 model=request.model,
@@ -44,6 +78,13 @@ class OpenAICompatProvider:
                 stream_options={"include_usage": True},
                 **params,
             )
+        except openai.APIError as exc:
+            raise self._failure(exc) from exc
+
+        finish_reason: str | None = None
+        usage: dict[str, Any] | None = None
+        produced = 0  # characters of output so far
+        try:
             async with stream:
                 async for chunk in stream:
                     if chunk.usage is not None:
@@ -55,10 +96,88 @@ class OpenAICompatProvider:
                             finish_reason = choice.finish_reason
                         delta = _delta(choice.delta)
                         if delta is not None:
+                            produced += delta.size()
                             yield delta
-        except openai.APIError as exc:
-            raise UpstreamError(f"upstream failed: {exc}") from exc
-        yield Finish(finish_reason or "stop", usage)
+        except (openai.APIConnectionError, _http.TransportError) as exc:
+            # The connection broke or went silent mid-stream (openai 3 wraps the transport's
+            # error in APIConnectionError; older SDKs let it through).
+            cause = exc.__cause__ or exc
+            raise self._cut_off(produced, f"{type(cause).__name__}: {cause}") from exc
+        except openai.APIError as exc:  # an error event inside a 200 stream
+            raise UpstreamError("the upstream reported an error mid-stream",
+                                detail=f"{self.base_url}: {exc}") from exc
+        if finish_reason is None:
+            raise self._cut_off(produced, "the stream ended without a finish reason")
+        yield Finish(finish_reason, usage or estimate_usage(request.messages, produced))
+
+    def _failure(self, exc: openai.APIError) -> UpstreamError:
+        """The error a failed request becomes: a generic message, the upstream's words logged."""
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            data: dict[str, Any] = {"upstream_status": status}
+            retry_after = exc.response.headers.get("retry-after")
+            if retry_after and retry_after.isdigit():
+                data["retry_after_s"] = int(retry_after)
+            return UpstreamError(
+                _status_message(status),
+                retryable=status in RETRYABLE_STATUSES or status >= 500,
+                detail=f"{self.base_url}: HTTP {status}: {_body_text(exc)}",
+                data=data,
+            )
+        if isinstance(exc, openai.APITimeoutError):
+            return UpstreamError(f"the upstream at {self.base_url} did not answer in time",
+                                 detail=str(exc))
+        if isinstance(exc, openai.APIConnectionError):
+            cause = exc.__cause__
+            return UpstreamError(f"could not reach the upstream at {self.base_url}",
+                                 detail=f"{exc}: {cause!r}" if cause else str(exc))
+        return UpstreamError("the upstream request failed", detail=f"{self.base_url}: {exc}")
+
+    def _cut_off(self, produced: int, why: str) -> UpstreamIncomplete:
+        detail = f"{self.base_url}: {why}"
+        if produced:
+            return UpstreamIncomplete("the upstream's answer stopped before it finished",
+                                      retryable=True, detail=detail)
+        # A 200 with nothing in it: what llama.cpp's server answers to a prompt longer than
+        # its context, among others. The same request would end the same way.
+        return UpstreamIncomplete(
+            "the upstream ended its stream with no output and no finish reason "
+            "(the prompt may not fit its context)",
+            retryable=False, detail=detail,
+        )
+
+
+def _status_message(status: int) -> str:
+    if status in (401, 403):
+        return f"the upstream refused the credentials (HTTP {status})"
+    if status == 404:
+        return "the upstream does not know this model or endpoint (HTTP 404)"
+    if status == 408:
+        return "the upstream timed out (HTTP 408)"
+    if status == 429:
+        return "the upstream is rate limiting requests (HTTP 429)"
+    if status >= 500:
+        return f"the upstream failed (HTTP {status})"
+    return f"the upstream rejected the request (HTTP {status})"
+
+
+def _body_text(exc: openai.APIStatusError) -> str:
+    """The upstream's error body as it sent it (the SDK has read it before raising)."""
+    try:
+        return exc.response.text
+    except _http.ResponseNotRead:  # pragma: no cover - read by the SDK in practice
+        return repr(exc.body)
+
+
+def public_url(url: str) -> str:
+    """``url`` without credentials or query: fit for a client's error message."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
 
 
 def _delta(raw: Any) -> Delta | None:
