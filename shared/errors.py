@@ -13,7 +13,7 @@
     └── Unavailable            503  unavailable, redis_unavailable (+ Retry-After)
 
     ProviderError                   raised by providers; becomes a terminal ``error`` event
-    ├── UpstreamError               upstream_error (retryable)
+    ├── UpstreamError               upstream_error (retryable unless the upstream refused it)
     └── UnknownModel                unknown_model
 """
 
@@ -86,8 +86,16 @@ class ProviderError(Exception):
 
 
 class UpstreamError(ProviderError):
+    """The upstream failed; ``upstream_status`` is its HTTP status when it answered with one."""
+
     code = "upstream_error"
     retryable = True
+
+    def __init__(self, message: str, *, retryable: bool = True,
+                 upstream_status: int | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.upstream_status = upstream_status
 
 
 class UnknownModel(ProviderError):
