@@ -109,14 +109,46 @@ class ProviderError(Exception):
 
 
 class UpstreamError(ProviderError):
+    """The upstream failed; ``upstream_status`` is its HTTP status when it answered with one."""
+
     code = "upstream_error"
     retryable = True
+
+    @classmethod
+    def for_status(cls, status: int, detail: str, **data: Any) -> UpstreamError:
+        """The upstream answered HTTP ``status``: a generic message for clients, retryable
+        only where a retry can help (408, 409, 429, 5xx), the status kept in the event."""
+        return cls(_status_message(status), detail=detail,
+                   retryable=status in RETRYABLE_STATUSES or status >= 500,
+                   data={"upstream_status": status, **data})
+
+    @property
+    def upstream_status(self) -> int | None:
+        status = self.data.get("upstream_status")
+        return status if isinstance(status, int) else None
 
 
 class UpstreamIncomplete(UpstreamError):
     """The upstream's stream ended (cleanly or not) before the model said it had finished."""
 
     code = "upstream_incomplete"
+
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and every 5xx
+
+
+def _status_message(status: int) -> str:
+    if status in (401, 403):
+        return f"the upstream refused the credentials (HTTP {status})"
+    if status == 404:
+        return "the upstream does not know this model or endpoint (HTTP 404)"
+    if status == 408:
+        return "the upstream timed out (HTTP 408)"
+    if status == 429:
+        return "the upstream is rate limiting requests (HTTP 429)"
+    if status >= 500:
+        return f"the upstream failed (HTTP {status})"
+    return f"the upstream rejected the request (HTTP {status})"
 
 
 class UnknownModel(ProviderError):

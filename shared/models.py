@@ -45,7 +45,11 @@ def check_model(model: str, settings: Settings) -> str | None:
         if default_provider(settings) is None:
             return "provider 'openai' is not configured (TOKENRELAY_OPENAI_BASE_URL)"
         return None
-    return (f"unknown provider {provider!r}; one of: fake, openai "
+    if provider == "anthropic":
+        if not (settings.anthropic_base_url or settings.anthropic_api_key):
+            return "provider 'anthropic' is not configured (TOKENRELAY_ANTHROPIC_API_KEY)"
+        return None
+    return (f"unknown provider {provider!r}; one of: fake, openai, anthropic "
             f"(an upstream's model with ':' in its name: 'openai:{model}')")
 
 

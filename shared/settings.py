@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     openai_api_key: str | None = Field(
         None, validation_alias=AliasChoices("TOKENRELAY_OPENAI_API_KEY", "OPENAI_API_KEY"))
     openai_models: str | None = None  # comma-separated names listed by /v1/models
+    anthropic_base_url: str | None = None
+    # The SDK's own variable as a fallback, so a machine set up for Claude works as is.
+    anthropic_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("TOKENRELAY_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY")
+    )
+    anthropic_max_tokens: int = Field(1024, gt=0)  # Anthropic requires max_tokens on every call
     default_model: str = "fake:echo"
     queue_name: str = "tr:queue"
     worker_concurrency: int = Field(100, gt=0)

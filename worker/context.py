@@ -19,6 +19,7 @@ from tokenrelay.shared.settings import Settings
 from tokenrelay.worker.control import Control
 from tokenrelay.worker.lease import Lease
 from tokenrelay.worker.providers import Providers
+from tokenrelay.worker.providers.anthropic import AnthropicProvider
 from tokenrelay.worker.providers.fake import FakeProvider
 from tokenrelay.worker.providers.openai_compat import OpenAICompatProvider
 
@@ -79,6 +80,7 @@ def build_providers(settings: Settings) -> Providers:
         {
             "fake": FakeProvider(tps=settings.fake_tps, ttft_s=settings.fake_ttft_ms / 1000),
             "openai": OpenAICompatProvider(settings.openai_base_url, settings.openai_api_key),
+            "anthropic": AnthropicProvider.from_settings(settings),
         },
         default=default_provider(settings),
     )

@@ -39,3 +39,17 @@ def test_models_list_includes_configured_openai_names(monkeypatch: pytest.Monkey
     monkeypatch.setenv("TOKENRELAY_OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     monkeypatch.setenv("TOKENRELAY_OPENAI_MODELS", "gpt-x, qwen-y")
     assert listed_models(Settings())[-2:] == ["openai:gpt-x", "openai:qwen-y"]
+
+
+def test_anthropic_key_falls_back_to_the_sdk_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ANTHROPIC_API_KEY configures anthropic: models; TOKENRELAY_ANTHROPIC_API_KEY wins over it."""
+    from tokenrelay.shared.models import check_model
+
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("TOKENRELAY_ANTHROPIC_API_KEY", raising=False)
+    assert check_model("anthropic:claude-x", Settings()) is not None
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sdk-key")
+    assert Settings().anthropic_api_key == "sdk-key"
+    assert check_model("anthropic:claude-x", Settings()) is None
+    monkeypatch.setenv("TOKENRELAY_ANTHROPIC_API_KEY", "ours")
+    assert Settings().anthropic_api_key == "ours"

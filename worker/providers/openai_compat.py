@@ -48,9 +48,6 @@ logger = logging.getLogger(__name__)
 
 MAX_RETRIES = 2  # the SDK's own default, said out loud: see the module docstring
 CONNECT_TIMEOUT_S = 10.0
-RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and every 5xx
-
-
 class OpenAICompatProvider:
     def __init__(self, base_url: str | None, api_key: str | None, timeout_s: float = 600.0):
         self._client = AsyncOpenAI(
@@ -114,16 +111,12 @@ class OpenAICompatProvider:
         """The error a failed request becomes: a generic message, the upstream's words logged."""
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
-            data: dict[str, Any] = {"upstream_status": status}
+            data: dict[str, Any] = {}
             retry_after = exc.response.headers.get("retry-after")
             if retry_after and retry_after.isdigit():
                 data["retry_after_s"] = int(retry_after)
-            return UpstreamError(
-                _status_message(status),
-                retryable=status in RETRYABLE_STATUSES or status >= 500,
-                detail=f"{self.base_url}: HTTP {status}: {_body_text(exc)}",
-                data=data,
-            )
+            return UpstreamError.for_status(
+                status, f"{self.base_url}: HTTP {status}: {_body_text(exc)}", **data)
         if isinstance(exc, openai.APITimeoutError):
             return UpstreamError(f"the upstream at {self.base_url} did not answer in time",
                                  detail=str(exc))
@@ -145,20 +138,6 @@ class OpenAICompatProvider:
             "(the prompt may not fit its context)",
             retryable=False, detail=detail,
         )
-
-
-def _status_message(status: int) -> str:
-    if status in (401, 403):
-        return f"the upstream refused the credentials (HTTP {status})"
-    if status == 404:
-        return "the upstream does not know this model or endpoint (HTTP 404)"
-    if status == 408:
-        return "the upstream timed out (HTTP 408)"
-    if status == 429:
-        return "the upstream is rate limiting requests (HTTP 429)"
-    if status >= 500:
-        return f"the upstream failed (HTTP {status})"
-    return f"the upstream rejected the request (HTTP {status})"
 
 
 def _body_text(exc: openai.APIStatusError) -> str:
