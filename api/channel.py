@@ -12,6 +12,9 @@ viewer at the same position writes the same joined chunk. A viewer parks a futur
 on the channel; one ``notify`` per read batch wakes them all. The list is capped;
 a viewer that falls behind the cap reads the missing part from Redis at its own
 pace, and re-seeks in the channel by event id, so no seam has a gap or duplicate.
+A protocol whose frame depends on the events before it is a :class:`Fold`: one
+state per channel, folded from the stream's first event (primed from Redis when
+the channel holds only a tail), its frames shared like an encoding's.
 """
 
 from __future__ import annotations
@@ -31,16 +34,31 @@ CHUNK_FRAMES = 256
 Entry = tuple[bytes | str, dict[Any, Any]]  # one XRANGE/XREAD entry: (id, fields)
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
+S = TypeVar("S")
 
 
 class _Frames:
-    """One encoding's frames of a channel's events (from ``base``), filled as viewers ask."""
+    """One protocol's frames of a channel's events (from ``base``), filled as viewers ask."""
 
     __slots__ = ("items", "chunk")
 
     def __init__(self) -> None:
         self.items: list[bytes] = []
         self.chunk: tuple[int, int, bytes] = (-1, -1, b"")  # (pos, stop, joined frames)
+
+    def trim(self, events: list[ev.Event], drop: int) -> None:
+        """The channel drops its first ``drop`` events (still in ``events``)."""
+        del self.items[:drop]
+
+    def hand_out(self, channel: Channel, pos: int, stop: int) -> tuple[bytes, int, bool]:
+        """The frames of [pos, stop) joined (shared by the viewers at ``pos``), as View.take."""
+        base = channel.base
+        cached_pos, cached_stop, chunk = self.chunk
+        if cached_pos != pos or cached_stop != stop:
+            chunk = b"".join(self.items[pos - base : stop - base])
+            self.chunk = (pos, stop, chunk)
+        terminal_at = channel.terminal_at
+        return chunk, stop, terminal_at is not None and terminal_at < stop
 
 
 class Channel:
@@ -61,7 +79,8 @@ class Channel:
         self.loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._max_events = max_events
         self._waiters: list[asyncio.Future[None]] = []
-        self.frames: dict[Encoding, _Frames] = {}  # per encoding, filled as viewers ask
+        self.frames: dict[object, _Frames] = {}  # per encoding or fold, filled as viewers ask
+        self.priming: dict[object, asyncio.Future[None]] = {}  # folds being primed from Redis
 
     @property
     def done(self) -> bool:
@@ -89,10 +108,10 @@ class Channel:
         self.cursor = self.events[-1].id
         if len(self.events) > self._max_events:
             drop = len(self.events) - self._max_events // 2
+            for frames in self.frames.values():
+                frames.trim(self.events, drop)
             del self.events[:drop]
             del self.ids[:drop]
-            for frames in self.frames.values():
-                del frames.items[:drop]
             self.base += drop
             self.head_complete = False
         self.notify()
@@ -143,8 +162,13 @@ class View(Protocol[T_co]):
     def take(self, channel: Channel, pos: int) -> tuple[T_co, int, bool]:
         """(the batch from ``pos``, new pos, whether the terminal was included)."""
 
-    def of_events(self, events: list[ev.Event]) -> T_co:
-        """The batch of events read from Redis (a viewer behind the channel's memory)."""
+    async def prepare(self, channel: Channel, hub: Membership) -> None:
+        """Ready ``channel`` for this view (a fold primes its state); before the first take."""
+
+    async def catch_up(self, hub: Membership, gen_id: str,
+                       last: ev.StreamId | None) -> Callable[[list[ev.Event]], T_co]:
+        """How to turn the pages read from Redis after ``last`` into batches (a viewer
+        behind the channel's memory)."""
 
 
 class Encoding:
@@ -176,12 +200,14 @@ class Encoding:
         stop = min(base + len(channel.events), pos + CHUNK_FRAMES)
         if len(items) < stop - base:
             items.extend(map(self.encode, channel.events[len(items) : stop - base]))
-        cached_pos, cached_stop, chunk = frames.chunk
-        if cached_pos != pos or cached_stop != stop:
-            chunk = b"".join(items[pos - base : stop - base])
-            frames.chunk = (pos, stop, chunk)
-        terminal_at = channel.terminal_at
-        return chunk, stop, terminal_at is not None and terminal_at < stop
+        return frames.hand_out(channel, pos, stop)
+
+    async def prepare(self, channel: Channel, hub: Membership) -> None:
+        return None
+
+    async def catch_up(self, hub: Membership, gen_id: str,
+                       last: ev.StreamId | None) -> Callable[[list[ev.Event]], bytes]:
+        return self.of_events
 
     def of_events(self, events: list[ev.Event]) -> bytes:
         return b"".join(map(self.encode, events))
@@ -201,8 +227,127 @@ class _Events:
         batch = channel.events[pos - channel.base : stop - channel.base]
         return batch, stop, terminal_at is not None and terminal_at < stop
 
+    async def prepare(self, channel: Channel, hub: Membership) -> None:
+        return None
+
+    async def catch_up(self, hub: Membership, gen_id: str, last: ev.StreamId | None
+                       ) -> Callable[[list[ev.Event]], Sequence[ev.Event]]:
+        return self.of_events
+
     def of_events(self, events: list[ev.Event]) -> Sequence[ev.Event]:
         return events
+
+
+class _Folded(_Frames, Generic[S]):
+    """A fold's frames of a channel's events and its state after the last of them."""
+
+    __slots__ = ("state", "step")
+
+    def __init__(self, state: S, step: Callable[[S, ev.Event], bytes]):
+        super().__init__()
+        self.state = state
+        self.step = step
+
+    def fill(self, events: list[ev.Event], upto: int) -> None:
+        """Fold ``events[len(items):upto]`` (relative to the channel's base) into frames."""
+        items, step, state = self.items, self.step, self.state
+        for event in events[len(items) : upto]:
+            items.append(step(state, event))
+
+    def trim(self, events: list[ev.Event], drop: int) -> None:
+        self.fill(events, drop)  # the state must pass every event, read by a viewer or not
+        del self.items[:drop]
+
+
+class Fold(Generic[S]):
+    """A wire protocol whose frame for an event depends on the events before it
+    (sequence numbers, which parts are open). Its frames are computed once per event per
+    process, like an Encoding's, from a state folded over the stream from its first event.
+
+    ``start()`` makes the state of an empty stream; ``step(state, event)`` mutates it and
+    returns the event's frame (``b""`` for none). ``step`` must be a function of the state
+    and the event alone, so that every fold of the same stream gives the same frames.
+
+    Per channel, one state and the frames of the events the channel holds (trimmed with
+    them: memory is the channel's cap times a frame, plus one state). When the channel
+    holds only a tail, :meth:`prepare` first folds the events before it from Redis (once
+    per channel, shared by concurrent viewers). A viewer behind the channel's memory folds
+    a private state from Redis up to its position (:meth:`catch_up`: one read of the
+    stream's prefix per time it falls behind), so its frames are the same.
+    """
+
+    __slots__ = ("name", "start", "step")
+    empty = b""
+
+    def __init__(self, name: str, start: Callable[[], S], step: Callable[[S, ev.Event], bytes]):
+        self.name = name
+        self.start = start
+        self.step = step
+
+    async def prepare(self, channel: Channel, hub: Membership) -> None:
+        while self not in channel.frames:
+            priming = channel.priming.get(self)
+            if priming is None:
+                priming = channel.priming[self] = asyncio.ensure_future(
+                    self._prime(channel, hub))
+                priming.add_done_callback(lambda done: _settle(channel, self, done))
+            await asyncio.shield(priming)
+
+    async def _prime(self, channel: Channel, hub: Membership) -> None:
+        """Fold every event before the channel's first one (read from Redis), then hold it."""
+        state, after = self.start(), None
+        while not channel.head_complete:
+            page = await hub.read_after(channel.gen_id, after)
+            # The head is re-read after every await: the channel may have trimmed meanwhile.
+            head = channel.ids[0] if channel.ids else _after(ev.parse_id(channel.cursor))
+            todo = [event for event in page if ev.parse_id(event.id) < head]
+            for event in todo:
+                self.step(state, event)
+            if not page or len(todo) < len(page):
+                break  # at the channel's first event (or the stream is gone from Redis)
+            after = ev.parse_id(page[-1].id)
+        channel.frames[self] = _Folded(state, self.step)
+
+    def take(self, channel: Channel, pos: int) -> tuple[bytes, int, bool]:
+        folded = channel.frames.get(self)
+        if not isinstance(folded, _Folded):
+            raise RuntimeError(f"{self!r} was not prepared for generation {channel.gen_id}")
+        stop = min(channel.end, pos + CHUNK_FRAMES)
+        folded.fill(channel.events, stop - channel.base)
+        return folded.hand_out(channel, pos, stop)
+
+    async def catch_up(self, hub: Membership, gen_id: str,
+                       last: ev.StreamId | None) -> Callable[[list[ev.Event]], bytes]:
+        state, step = self.start(), self.step
+        after: ev.StreamId | None = None
+        while last is not None and after != last:
+            page = await hub.read_after(gen_id, after)
+            todo = [event for event in page if ev.parse_id(event.id) <= last]
+            for event in todo:
+                step(state, event)
+            if not page or len(todo) < len(page):
+                break
+            after = ev.parse_id(page[-1].id)
+
+        def frames(events: list[ev.Event]) -> bytes:
+            return b"".join([step(state, event) for event in events])
+
+        return frames
+
+    def __repr__(self) -> str:
+        return f"Fold({self.name!r})"
+
+
+def _after(sid: ev.StreamId) -> ev.StreamId:
+    return sid[0], sid[1] + 1
+
+
+def _settle(channel: Channel, fold: object, done: asyncio.Future[None]) -> None:
+    """A priming ended: forget it (a failed one is retried by the next viewer)."""
+    if channel.priming.get(fold) is done:
+        del channel.priming[fold]
+    if not done.cancelled():
+        done.exception()  # retrieved: its waiters got it; nobody else must be told
 
 
 SSE = Encoding("sse", ev.encode_event)
@@ -226,7 +371,8 @@ class Viewer(Generic[T]):
     the channel's memory it reads a page from Redis and re-seeks by event id.
     """
 
-    __slots__ = ("hub", "gen_id", "view", "last", "pos", "channel", "finished")
+    __slots__ = ("hub", "gen_id", "view", "last", "pos", "channel", "finished", "prepared",
+                 "behind")
 
     def __init__(self, hub: Membership, gen_id: str, after: ev.StreamId | None,
                  view: View[T], channel: Channel | None = None):
@@ -237,6 +383,8 @@ class Viewer(Generic[T]):
         self.pos: int | None = None  # absolute index in the channel of the next event
         self.channel = channel  # our hub registration (given when the caller joined for us)
         self.finished = False  # the terminal event was handed out
+        self.prepared = False  # view.prepare(channel) was awaited
+        self.behind: Callable[[list[ev.Event]], T] | None = None  # while reading from Redis
 
     async def open(self) -> None:
         """Join the hub's channel of the stream (loading its tail if we are the first)."""
@@ -250,12 +398,16 @@ class Viewer(Generic[T]):
         channel = self.channel
         if channel is None:
             channel = self.channel = await self.hub.join(self.gen_id)
+        if not self.prepared:
+            await self.view.prepare(channel, self.hub)
+            self.prepared = True
         while True:
             pos = self.pos
             if pos is None or pos < channel.base:
                 pos = self.pos = channel.position_after(self.last)
                 if pos is None:
                     return await self._from_redis()
+                self.behind = None  # back in the channel's memory
             if pos < channel.end:
                 last = self.last
                 if last is not None and channel.id_at(pos) <= last:
@@ -281,6 +433,9 @@ class Viewer(Generic[T]):
 
     async def _from_redis(self) -> T | None:
         """The next page after ``last`` straight from Redis (memory no longer has it)."""
+        behind = self.behind
+        if behind is None:
+            behind = self.behind = await self.view.catch_up(self.hub, self.gen_id, self.last)
         events = await self.hub.read_after(self.gen_id, self.last)
         if not events:
             self.finished = True  # the stream expired under us; nothing more to hand out
@@ -288,7 +443,7 @@ class Viewer(Generic[T]):
         self.last = ev.parse_id(events[-1].id)
         self.pos = None  # re-seek in the channel by id next time
         self.finished = any(event.terminal for event in events)
-        return self.view.of_events(events)
+        return behind(events)
 
     async def aclose(self) -> None:
         if self.channel is not None:
