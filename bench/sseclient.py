@@ -85,6 +85,7 @@ class SSEProtocol(asyncio.Protocol):
         self._head = bytearray()
         self._in_body = False
         self._raw = bytearray()
+        self._chunked = True  # tokenrelay answers chunked; nchan writes the body as is
         self._sse_rest = b""
         self._count = 0
         loop = asyncio.get_running_loop()
@@ -117,7 +118,11 @@ class SSEProtocol(asyncio.Protocol):
                 self.viewer.error = f"HTTP {self.viewer.status}: {data[:200]!r}"
                 self.close()
                 return
-        self._dechunk(data, now_ms)
+            self._chunked = self.viewer.headers.get(b"transfer-encoding") == b"chunked"
+        if self._chunked:
+            self._dechunk(data, now_ms)
+        else:
+            self._frames(data, now_ms)
 
     # parsing
 
@@ -169,31 +174,44 @@ class SSEProtocol(asyncio.Protocol):
                     viewer.retry_seen = True
                 nl = frame.find(b"\n")
                 frame = b"" if nl < 0 else frame[nl + 1 :]
-            if frame.startswith(b"id: "):
+            if frame.startswith(b"id: "):  # tokenrelay: id, event, data
                 nl = frame.find(b"\n")
                 eid = frame[4:nl]
-                dash = eid.find(b"-")
-                ms = int(eid[:dash])
-                packed = ms << SEQ_BITS | int(eid[dash + 1 :])
-                type_end = frame.find(b"\n", nl + 1)
-                etype = frame[nl + 8 : type_end]
-                self.latencies.append(now_ms - ms)
-                viewer.ids.append(packed)
-                if viewer.keep_types:
-                    viewer.types.append(etype)
-                if self._count == 0:
-                    viewer.first_event_at = now_ms / 1000.0
-                    viewer.first_event_id = packed
-                self._count += 1
-                if self.on_event is not None:
-                    self.on_event(viewer, etype, frame, now_ms)
-                if etype in TERMINAL:
-                    viewer.terminal = etype
-                if self.stop_after is not None and self._count >= self.stop_after:
-                    self.close()
-                    return
+                etype = frame[nl + 8 : frame.find(b"\n", nl + 1)]
+            elif frame.startswith(b"event: "):  # nchan: event, id (its own), data (our id)
+                nl = frame.find(b"\n")
+                etype = frame[7:nl]
+                eid = frame[frame.index(b"\ndata: ") + 7 :].split(b"\n", 1)[0]
             elif frame:
                 viewer.error = f"unexpected frame {frame[:80]!r}"
+                continue
+            else:
+                continue
+            if self._event(viewer, eid, etype, frame, now_ms):
+                return
+
+    def _event(self, viewer: Viewer, eid: bytes, etype: bytes, frame: bytes,
+               now_ms: float) -> bool:
+        """Record one event whose id is ``ms-seq``; True when this connection is done."""
+        dash = eid.find(b"-")
+        ms = int(eid[:dash])
+        packed = ms << SEQ_BITS | int(eid[dash + 1 :])
+        self.latencies.append(now_ms - ms)
+        viewer.ids.append(packed)
+        if viewer.keep_types:
+            viewer.types.append(etype)
+        if self._count == 0:
+            viewer.first_event_at = now_ms / 1000.0
+            viewer.first_event_id = packed
+        self._count += 1
+        if self.on_event is not None:
+            self.on_event(viewer, etype, frame, now_ms)
+        if etype in TERMINAL:
+            viewer.terminal = etype
+        if self.stop_after is not None and self._count >= self.stop_after:
+            self.close()
+            return True
+        return False
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
