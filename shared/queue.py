@@ -102,6 +102,17 @@ return 1
 """)
 
 
+async def drop(queue: Queue, gen_id: str, attempt: int) -> None:
+    """Forget a lost attempt's job: its queue entry (which counts against the queue's
+    limit), record and claim. Without this a killed worker's job stays queued until its
+    claim expires (the job timeout: minutes) and a worker runs it only to find it stale."""
+    job = job_id(gen_id, attempt)
+    async with queue.pipeline(transaction=False) as pipe:
+        pipe.zrem(queue.default_queue_name, job)
+        pipe.delete(job_key_prefix + job, in_progress_key_prefix + job)
+        await pipe.execute()
+
+
 async def reserve_slot(queue: Queue, gen_id: str, limit: int) -> bool:
     """Hold a place for ``gen_id``'s job (queued or running jobs count); False if full."""
     score = int(time.time() * 1000) + RESERVATION_MS
