@@ -114,7 +114,7 @@ async def enqueue(queue: Queue, job: Job) -> None:
     if replicated(queue):
         # Acknowledged once a replica has it too (or after REPLICA_WAIT_MS without one:
         # a lone primary keeps accepting work).
-        await queue.execute_command("WAIT", 1, REPLICA_WAIT_MS)
+        await queue.execute_command("WAIT", 1, REPLICA_WAIT_MS)  # type: ignore[no-untyped-call]
 
 
 async def enqueue_attempt(queue: Queue, gen_id: str, attempt: int) -> None:
