@@ -2,6 +2,10 @@
 
 A bare name (``gpt-4o-mini``) means the default provider's model: ``openai:`` once an
 upstream is configured (a base URL or an API key), else it is refused.
+
+``model`` may also be an ordered list of fallbacks, comma separated
+(``openai:gpt-4o-mini,anthropic:claude-3-5-haiku-latest``): the worker tries the next
+one when a model fails retryably before its first token.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from tokenrelay.shared.settings import Settings
 logger = logging.getLogger(__name__)
 
 FAKE_MODELS = ("echo", "lorem", "error")
+MAX_FALLBACKS = 4
 # How long the upstream's model list is reused, and how long one fetch may take.
 UPSTREAM_MODELS_TTL_S = 60.0
 UPSTREAM_MODELS_TIMEOUT_S = 5.0
@@ -27,8 +32,19 @@ def default_provider(settings: Settings) -> str | None:
     return "openai" if settings.openai_base_url or settings.openai_api_key else None
 
 
+def candidates(model: str) -> list[str]:
+    """The models ``model`` names, in the order they are tried (one, or its fallbacks)."""
+    return [name.strip() for name in model.split(",")]
+
+
 def check_model(model: str, settings: Settings) -> str | None:
-    """None if ``model`` can be served here, else a message saying why not."""
+    """None if ``model`` (or each of its fallbacks) can be served here, else why not."""
+    names = candidates(model)
+    if len(names) > 1:
+        if len(names) > MAX_FALLBACKS:
+            return f"at most {MAX_FALLBACKS} models in a fallback list, got {len(names)}"
+        problems = (check_model(name, settings) for name in names)
+        return next((f"in the fallback list {model!r}: {p}" for p in problems if p), None)
     provider, sep, name = model.partition(":")
     if not sep:
         if model and default_provider(settings) is not None:
