@@ -3,32 +3,21 @@ moves on to the next model, on both doors (real processes, a local OpenAI-compat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import openai
 import pytest
 import redis
 
 from tests.client import collect, create, status, text_of
-from tests.fake_upstream import Record, fake_upstream
+from tests.fake_upstream import Record
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow  # starts real processes
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[tuple[str, Record]]:
-    with fake_upstream() as found:
-        yield found
-
-
-@pytest.fixture(scope="module")
-def stack(upstream: tuple[str, Record]) -> Iterator[Stack]:
-    s = Stack(apis=1, workers=1, env={"TOKENRELAY_OPENAI_BASE_URL": upstream[0],
-                                      "TOKENRELAY_OPENAI_API_KEY": "test"})
-    yield s
-    s.stop()
+def stack(upstream_stack: Stack) -> Stack:
+    return upstream_stack
 
 
 def test_an_overloaded_upstream_falls_back_through_the_native_api(
