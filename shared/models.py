@@ -54,6 +54,8 @@ def check_model(model: str, settings: Settings) -> str | None:
     if not name:
         return f"model must be 'provider:name', got {model!r}"
     if provider == "fake":
+        if not settings.fake_models:
+            return "the fake: models are turned off here (TOKENRELAY_FAKE_MODELS=false)"
         if name not in FAKE_MODELS:
             return f"unknown fake model {name!r}; one of: {', '.join(FAKE_MODELS)}"
         return None
@@ -71,7 +73,7 @@ def check_model(model: str, settings: Settings) -> str | None:
 
 def listed_models(settings: Settings) -> list[str]:
     """The models /v1/models lists: the fake ones, and the configured ``openai:`` names."""
-    models = [f"fake:{name}" for name in FAKE_MODELS]
+    models = [f"fake:{name}" for name in FAKE_MODELS] if settings.fake_models else []
     if settings.openai_models and default_provider(settings) is not None:
         names = (n.strip() for n in settings.openai_models.split(","))
         models += [f"openai:{name}" for name in names if name]
