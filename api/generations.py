@@ -143,7 +143,7 @@ async def _release(state: AppState, tenant: str, gen_id: str) -> None:
 
 
 def _job_request(body: GenerationCreate, model: str) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = body.sampling()
     if body.tools is not None:
         extra["tools"] = body.tools
     if body.tool_choice is not None:

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenrelay.api.openai_errors import OpenAIError
-from tokenrelay.api.schemas import MAX_MESSAGES, GenerationCreate, Message
+from tokenrelay.api.schemas import MAX_MESSAGES, GenerationCreate, Message, Sampling
 from tokenrelay.shared.models import check_model
 from tokenrelay.shared.settings import Settings
 
@@ -38,7 +38,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(Sampling):
     """The subset of OpenAI's request body that tokenrelay carries to the provider."""
 
     model_config = ConfigDict(extra="forbid")
@@ -114,6 +114,7 @@ def to_generation(request: ChatCompletionRequest, settings: Settings) -> Generat
             metadata=request.metadata,
             tools=request.tools,
             tool_choice=request.tool_choice,
+            **request.sampling(),
         )
     except ValidationError as exc:
         raise _invalid(exc) from None

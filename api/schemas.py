@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_MESSAGES = 1000
+MAX_STOP = 4
 
 
 class Message(BaseModel):
@@ -16,7 +17,48 @@ class Message(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class GenerationCreate(BaseModel):
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: plain text, any JSON object, or a JSON schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' goes with type 'json_schema', and only with it")
+        return self
+
+
+class Sampling(BaseModel):
+    """The standard sampling parameters, as OpenAI documents them; both doors take them
+    and the upstream gets them as given (a provider that cannot honour one says so in
+    the README)."""
+
+    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="up to 4 sequences where the upstream stops")
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _stop_sequences(self) -> Sampling:
+        if isinstance(self.stop, list) and not 1 <= len(self.stop) <= MAX_STOP:
+            raise ValueError(f"'stop' takes 1 to {MAX_STOP} sequences")
+        if self.stop == "":
+            raise ValueError("'stop' must not be empty")
+        return self
+
+    def sampling(self) -> dict[str, Any]:
+        """The parameters given, as the upstream request carries them."""
+        return self.model_dump(include=set(Sampling.model_fields), exclude_none=True)
+
+
+class GenerationCreate(Sampling):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(

@@ -90,3 +90,15 @@ def follow(urls: list[str], gen_id: str, headers: dict[str, str] | None = None,
         except httpx.HTTPError:
             time.sleep(0.05)  # the browser's EventSource waits `retry` ms; we wait less
     raise AssertionError(f"no terminal event within {timeout}s; got {len(out)} events")
+
+
+def stored_generations(redis_url: str) -> set[bytes]:
+    """The meta keys of every generation in the Redis at ``redis_url``: what a request
+    that must create nothing must leave as it was (other keys change on their own)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return set(client.scan_iter("tr:{gen_*}:meta"))
+    finally:
+        client.close()

@@ -6,9 +6,8 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-import redis
 
-from tests.client import collect, create, status, text_of
+from tests.client import collect, create, status, stored_generations, text_of
 from tests.fake_upstream import Record
 from tests.stack import Stack
 
@@ -53,13 +52,8 @@ def test_the_openai_sdk_sees_the_fallbacks_answer(stack: Stack) -> None:
 
 @pytest.mark.parametrize("model", ["fake:echo,bogus:x", "fake:echo,", "a,b,c,d,e"])
 def test_a_bad_fallback_list_is_refused_and_creates_nothing(stack: Stack, model: str) -> None:
-    client = redis.Redis.from_url(stack.redis_url)
-    try:
-        keys_before = client.dbsize()
-        response = httpx.post(f"{stack.url}/v1/generations",
-                              json={"model": model, "prompt": "x"})
-        assert response.status_code == 400
-        assert "fallback" in response.json()["error"]["message"]
-        assert client.dbsize() == keys_before
-    finally:
-        client.close()
+    before = stored_generations(stack.redis_url)
+    response = httpx.post(f"{stack.url}/v1/generations", json={"model": model, "prompt": "x"})
+    assert response.status_code == 400
+    assert "fallback" in response.json()["error"]["message"]
+    assert stored_generations(stack.redis_url) == before

@@ -129,9 +129,10 @@ def test_bad_request_raises_bad_request_error_with_our_message(
     assert "max_tokens" in info.value.message and "greater than or equal to 1" in info.value.message
 
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="fake:echo", messages=user("x"), top_p=0.5)
-    assert info.value.code == "unsupported_parameter" and info.value.param == "top_p"
-    assert "tokenrelay does not support the 'top_p' parameter" in info.value.message
+        client.chat.completions.create(model="fake:echo", messages=user("x"),
+                                       logit_bias={"50256": -100})
+    assert info.value.code == "unsupported_parameter" and info.value.param == "logit_bias"
+    assert "tokenrelay does not support the 'logit_bias' parameter" in info.value.message
     # Counted like any error answer.
     metrics = httpx.get(f"{stack.url}/metrics", timeout=10).text
     assert 'tokenrelay_http_errors_total{code="unsupported_parameter"}' in metrics

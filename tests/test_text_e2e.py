@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import redis
 
-from tests.client import collect, create, status, text_of
+from tests.client import collect, create, status, stored_generations, text_of
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow  # starts real processes
@@ -40,18 +39,14 @@ def test_a_lone_surrogate_is_refused_at_every_door(stack: Stack, door: str) -> N
                  f'{{"model": "fake:echo", "messages": [{{"role": "user", "content": {LONE}}}]}}'),
         "thread": (f"/v1/threads/{_thread(stack)}/messages", f'{{"content": {LONE}}}'),
     }[door]
-    client = redis.Redis.from_url(stack.redis_url)
-    try:
-        keys_before = client.dbsize()
-        response = httpx.post(f"{stack.url}{path}", content=body,
-                              headers={"content-type": "application/json"})
-        # OpenAI answers every invalid request 400; the native API's schema errors are 422.
-        assert response.status_code == (400 if door == "chat" else 422), response.text
-        error = response.json()["error"]
-        assert error["code"] == "invalid_text" and "surrogate" in error["message"]
-        assert client.dbsize() == keys_before
-    finally:
-        client.close()
+    before = stored_generations(stack.redis_url)
+    response = httpx.post(f"{stack.url}{path}", content=body,
+                          headers={"content-type": "application/json"})
+    # OpenAI answers every invalid request 400; the native API's schema errors are 422.
+    assert response.status_code == (400 if door == "chat" else 422), response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_text" and "surrogate" in error["message"]
+    assert stored_generations(stack.redis_url) == before
 
 
 def test_a_surrogate_pair_is_text_and_accepted(stack: Stack) -> None:

@@ -124,7 +124,9 @@ def request_params(request: GenerationRequest, default_max_tokens: int) -> dict[
     """The keyword arguments of ``messages.create`` for ``request``.
 
     ``temperature`` is not sent: Anthropic's current API version rejects every sampling
-    parameter (and the SDK no longer has them).
+    parameter (and the SDK no longer has them). ``stop`` becomes ``stop_sequences``;
+    ``top_p``, ``seed``, the penalties and ``response_format`` have no Anthropic
+    counterpart here and are not sent.
     """
     system, messages = convert_messages(request.messages)
     params: dict[str, Any] = {
@@ -134,6 +136,9 @@ def request_params(request: GenerationRequest, default_max_tokens: int) -> dict[
     }
     if system:
         params["system"] = system
+    stop = request.extra.get("stop")
+    if stop:
+        params["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
     tools = request.extra.get("tools")
     if tools:
         params["tools"] = [convert_tool(tool) for tool in tools]
