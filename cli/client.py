@@ -124,7 +124,7 @@ def chat(base_url: str, prompt: str, model: str | None, api_key: str | None,
         body["max_tokens"] = max_tokens
     session = Session(base_url, api_key, out, err, stdin)
     outcome = Outcome()
-    return _drive(session, outcome, base_url, "queued, waiting for a worker",
+    return drive(session, outcome, base_url, "queued, waiting for a worker",
                   lambda: session.create_and_follow(body, outcome), ask=True)
 
 
@@ -135,11 +135,11 @@ def watch(base_url: str, target: str, after: str | None, api_key: str | None,
     gen_id, base_url, token = _parse_target(target, base_url, token)
     session = Session(base_url, api_key, out, err, stdin, token=token)
     outcome = Outcome(gen_id=gen_id, last_id=after)
-    return _drive(session, outcome, base_url, "waiting for the first token",
+    return drive(session, outcome, base_url, "waiting for the first token",
                   lambda: session.follower.follow(outcome), ask=False)
 
 
-def _drive(session: Session, outcome: Outcome, base_url: str, waiting: str,
+def drive(session: Session, outcome: Outcome, base_url: str, waiting: str,
            run: Callable[[], object], *, ask: bool) -> int:
     """Run one client session to its exit code: Ctrl-C, refusals and unreachable servers
     end it the same way for ``chat`` and ``watch``."""
