@@ -113,6 +113,10 @@ class Interactive:
     def run(self, thread_id: str | None, system: str | None) -> int:
         session, err = self.session, self.session.err
         try:
+            import readline  # noqa: F401  (line editing and ↑ history for input())
+        except ImportError:  # not on every platform; input() works without it
+            pass
+        try:
             thread, made = self._open(thread_id, system)
         except ApiError as exc:
             return _error(err, str(exc), EXIT_REFUSED)
