@@ -16,6 +16,7 @@ import pytest
 from tests.cli.terminal import Cli, run
 from tests.fake_upstream import Record, fake_upstream
 from tests.stack import Stack, wait_for
+from tests.test_cli import CuttingProxy
 
 pytestmark = pytest.mark.slow
 
@@ -158,3 +159,34 @@ def test_interactive_ctrl_c_cancels_the_answer_and_returns_to_the_prompt(
     finally:
         cli.kill()
     assert f"continue it: tokenrelay chat --thread {thread_id}" in plain(cli.err.text)
+
+
+def test_a_post_whose_answer_was_lost_is_not_sent_twice(env: tuple[Stack, Record]) -> None:
+    """The connection breaks inside the answer's headers: `chat --thread` finds its message
+    in the thread and follows that answer, rather than posting the message again."""
+    stack, _ = env
+    made = httpx.post(f"{stack.url}/v1/threads", json={"model": "fake:echo"}, timeout=10)
+    thread_id = made.json()["id"]
+    # How many bytes the CLI's first request (GET the thread) gets back, measured through
+    # a proxy that cuts nothing: the cut below falls inside the POST's answer headers.
+    measure = CuttingProxy(stack.ports[0], [])
+    try:
+        assert httpx.get(f"{measure.url}/v1/threads/{thread_id}").status_code == 200
+        wait_for(lambda: measure.responses and measure.responses[0].endswith(b"}"), 10,
+                 what="the measured answer")
+        got = len(measure.responses[0])
+    finally:
+        measure.close()
+    proxy = CuttingProxy(stack.ports[0], [got + 20])
+    try:
+        cli = run("chat", "--thread", thread_id, "said once only", "--url", proxy.url)
+    finally:
+        proxy.close()
+    assert cli.popen.returncode == 0, cli.err.text
+    assert cli.stdout == "said once only"
+    assert proxy.cut_count == 1
+    assert b"POST /v1/threads/" in proxy.requests[0]
+    assert re.search(rb"(?i)x-generation-id: gen_", proxy.dropped[0])  # the server answered
+    t = settled(stack.url, thread_id, 2)  # one question and its answer: not two questions
+    assert [m["content"] for m in t["messages"]] == ["said once only", "said once only"]
+    assert sum(b"POST /v1/threads/" in r for r in proxy.requests) == 1
