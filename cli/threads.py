@@ -119,8 +119,10 @@ class Interactive:
         try:
             thread, made = self._open(thread_id, system)
         except ApiError as exc:
+            session.close()
             return _error(err, str(exc), EXIT_REFUSED)
         except httpx.TransportError as exc:
+            session.close()
             return _error(err, f"cannot reach {session.base_url}: {exc}", EXIT_UNREACHABLE)
         thread_id = str(thread["id"])
         err.print(Text.assemble(("thread ", "dim"), (thread_id, "bold"),
