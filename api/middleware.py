@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -12,10 +14,12 @@ from tokenrelay.shared.logs import request_id
 
 
 class BodyLimit:
-    """Answers 413 for bodies over the limit, whether Content-Length says so or the bytes do.
+    """Answers 413 for bodies over the limit, whether Content-Length says so or the bytes
+    do, and 422 for JSON text that no UTF-8 can carry (a lone surrogate, ``\\ud800``).
 
-    A body without Content-Length (chunked) is read here first, up to the limit,
-    and replayed to the app: the app never sees a partial body.
+    The body is read here first, up to the limit, and replayed to the app: the app
+    never sees a partial body. Python's JSON parser accepts an escaped lone surrogate,
+    and such a string would fail only later, when written to Redis or sent on.
     """
 
     def __init__(self, app: ASGIApp, limit: int, errors: ErrorShapes):
@@ -28,11 +32,9 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit():
-            if int(declared) > self.limit:
-                await self._reject(scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._reject(scope, receive, send, Failure(
+                413, "payload_too_large", f"request body over {self.limit} bytes"))
             return
         chunks: list[bytes] = []
         size = 0
@@ -44,17 +46,40 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                await self._reject(scope, receive, send)
+                await self._reject(scope, receive, send, Failure(
+                    413, "payload_too_large", f"request body over {self.limit} bytes"))
                 return
             if not message.get("more_body", False):
                 break
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, _replay([body], receive), send)
+        body = b"".join(chunks)
+        if _holds_lone_surrogate(body):
+            await self._reject(scope, receive, send, Failure(
+                422, "invalid_text", "the body holds a lone UTF-16 surrogate escape "
+                "(\\ud800-\\udfff not in a pair), which is not text"))
+            return
+        replayed = {"type": "http.request", "body": body, "more_body": False}
+        await self.app(scope, _replay([replayed], receive), send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        failure = Failure(413, "payload_too_large", f"request body over {self.limit} bytes")
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, failure: Failure) -> None:
         response = self.errors.response(scope["path"], failure)
         await response(scope, receive, send)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _holds_lone_surrogate(body: bytes) -> bool:
+    """Whether JSON ``body`` escapes a surrogate that does not pair up (a pair decodes to
+    one character and is fine). Bodies without such an escape are not parsed here."""
+    if _SURROGATE_ESCAPE.search(body) is None:
+        return False
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    except ValueError:  # not JSON: the route says so in its own words
+        return False
+    return False
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:

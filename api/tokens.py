@@ -32,9 +32,12 @@ class StreamTokens:
         """The generation id the token grants, or None if tampered with or expired."""
         body, _, signature = token.rpartition(".")
         gen_id, _, expires = body.partition(".")
-        if not gen_id or not expires.isdigit():
+        if not gen_id or not (expires.isascii() and expires.isdigit()):
             return None
-        if not hmac.compare_digest(self._sign(body), signature):
+        # As bytes: compare_digest refuses a str holding anything but ASCII (a client's
+        # '%C3%A9' would otherwise raise), and no valid signature holds one.
+        if not hmac.compare_digest(self._sign(body).encode(),
+                                   signature.encode("utf-8", "surrogateescape")):
             return None
         if int(expires) < (now if now is not None else time.time()):
             return None

@@ -7,6 +7,10 @@ import json
 import logging
 import time
 
+from tokenrelay.shared.errors import one_line
+
+MESSAGE_LIMIT = 8000  # characters of one log message; the rest is cut
+
 # The request being served (API) — "-" outside a request.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -32,6 +36,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """One event, one line: control characters in the message (a model name, an
+    upstream's error text, anything a client or an upstream chose) are escaped, so
+    none can start a forged line. A traceback below the message stays as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        original = record.message
+        record.message = one_line(original, limit=MESSAGE_LIMIT)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = original
+
+
 def configure(level: str, fmt: str) -> None:
     """Configure the root logger once, for the API or a worker process."""
     handler = logging.StreamHandler()
@@ -39,7 +57,7 @@ def configure(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(
+        handler.setFormatter(TextFormatter(
             "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

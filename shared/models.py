@@ -2,6 +2,10 @@
 
 A bare name (``gpt-4o-mini``) means the default provider's model: ``openai:`` once an
 upstream is configured (a base URL or an API key), else it is refused.
+
+``model`` may also be an ordered list of fallbacks, comma separated
+(``openai:gpt-4o-mini,anthropic:claude-3-5-haiku-latest``): the worker tries the next
+one when a model fails retryably before its first token.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from tokenrelay.shared.settings import Settings
 logger = logging.getLogger(__name__)
 
 FAKE_MODELS = ("echo", "lorem", "error")
+MAX_FALLBACKS = 4
 # How long the upstream's model list is reused, and how long one fetch may take.
 UPSTREAM_MODELS_TTL_S = 60.0
 UPSTREAM_MODELS_TIMEOUT_S = 5.0
@@ -27,8 +32,19 @@ def default_provider(settings: Settings) -> str | None:
     return "openai" if settings.openai_base_url or settings.openai_api_key else None
 
 
+def candidates(model: str) -> list[str]:
+    """The models ``model`` names, in the order they are tried (one, or its fallbacks)."""
+    return [name.strip() for name in model.split(",")]
+
+
 def check_model(model: str, settings: Settings) -> str | None:
-    """None if ``model`` can be served here, else a message saying why not."""
+    """None if ``model`` (or each of its fallbacks) can be served here, else why not."""
+    names = candidates(model)
+    if len(names) > 1:
+        if len(names) > MAX_FALLBACKS:
+            return f"at most {MAX_FALLBACKS} models in a fallback list, got {len(names)}"
+        problems = (check_model(name, settings) for name in names)
+        return next((f"in the fallback list {model!r}: {p}" for p in problems if p), None)
     provider, sep, name = model.partition(":")
     if not sep:
         if model and default_provider(settings) is not None:
@@ -38,6 +54,8 @@ def check_model(model: str, settings: Settings) -> str | None:
     if not name:
         return f"model must be 'provider:name', got {model!r}"
     if provider == "fake":
+        if not settings.fake_models:
+            return "the fake: models are turned off here (TOKENRELAY_FAKE_MODELS=false)"
         if name not in FAKE_MODELS:
             return f"unknown fake model {name!r}; one of: {', '.join(FAKE_MODELS)}"
         return None
@@ -55,7 +73,7 @@ def check_model(model: str, settings: Settings) -> str | None:
 
 def listed_models(settings: Settings) -> list[str]:
     """The models /v1/models lists: the fake ones, and the configured ``openai:`` names."""
-    models = [f"fake:{name}" for name in FAKE_MODELS]
+    models = [f"fake:{name}" for name in FAKE_MODELS] if settings.fake_models else []
     if settings.openai_models and default_provider(settings) is not None:
         names = (n.strip() for n in settings.openai_models.split(","))
         models += [f"openai:{name}" for name in names if name]

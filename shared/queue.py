@@ -18,6 +18,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio.client import Pipeline
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from tokenrelay.shared import keys
 from tokenrelay.shared.redis import Script
@@ -26,6 +27,12 @@ Queue = ArqRedis
 
 # The job function's name: what the worker registers and every job calls.
 JOB_NAME = "generate"
+
+SENTINEL_SCHEME = "redis+sentinel://"
+SENTINEL_PORT = 26379
+# Under Sentinel, how long a create waits for a replica to hold its job (WAIT), so a
+# failover right after the create does not lose the job with the old primary.
+REPLICA_WAIT_MS = 500
 
 # A reservation's job becomes due this long after a create that died before writing it.
 RESERVATION_MS = 60_000
@@ -37,8 +44,30 @@ def job_id(gen_id: str, attempt: int) -> str:
 
 
 def redis_settings(url: str) -> RedisSettings:
-    """arq's connection settings for the queue's Redis at ``url``."""
-    return RedisSettings.from_dsn(url)
+    """arq's connection settings for the queue's Redis at ``url``.
+
+    ``redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER[/DB]`` names the Sentinels that
+    watch the queue's primary instead: every client asks them where the primary is, and
+    asks again after a failover.
+    """
+    if not url.startswith(SENTINEL_SCHEME):
+        return RedisSettings.from_dsn(url)
+    hosts, _, path = url.removeprefix(SENTINEL_SCHEME).partition("/")
+    master, _, database = path.partition("/")
+    sentinels: list[tuple[str, int]] = []
+    for entry in filter(None, hosts.split(",")):
+        host, _, port = entry.rpartition(":")
+        sentinels.append((host, int(port)) if host else (entry, SENTINEL_PORT))
+    if not sentinels or not master:
+        raise ValueError(f"a Sentinel URL is {SENTINEL_SCHEME}HOST:PORT[,HOST:PORT…]/MASTER[/DB],"
+                         f" got {url!r}")
+    return RedisSettings(host=sentinels, sentinel=True, sentinel_master=master,
+                         database=int(database or 0))
+
+
+def replicated(queue: Queue) -> bool:
+    """Whether the queue's Redis is a Sentinel-watched primary (its writes are replicated)."""
+    return isinstance(queue.connection_pool, SentinelConnectionPool)
 
 
 async def open_queue(connection: RedisSettings | None, queue_name: str) -> Queue:
@@ -82,6 +111,10 @@ async def enqueue(queue: Queue, job: Job) -> None:
     async with queue.pipeline(transaction=True) as pipe:
         add(pipe, job)
         await pipe.execute()
+    if replicated(queue):
+        # Acknowledged once a replica has it too (or after REPLICA_WAIT_MS without one:
+        # a lone primary keeps accepting work).
+        await queue.execute_command("WAIT", 1, REPLICA_WAIT_MS)  # type: ignore[no-untyped-call]
 
 
 async def enqueue_attempt(queue: Queue, gen_id: str, attempt: int) -> None:
@@ -100,6 +133,17 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
 return 1
 """)
+
+
+async def drop(queue: Queue, gen_id: str, attempt: int) -> None:
+    """Forget a lost attempt's job: its queue entry (which counts against the queue's
+    limit), record and claim. Without this a killed worker's job stays queued until its
+    claim expires (the job timeout: minutes) and a worker runs it only to find it stale."""
+    job = job_id(gen_id, attempt)
+    async with queue.pipeline(transaction=False) as pipe:
+        pipe.zrem(queue.default_queue_name, job)
+        pipe.delete(job_key_prefix + job, in_progress_key_prefix + job)
+        await pipe.execute()
 
 
 async def reserve_slot(queue: Queue, gen_id: str, limit: int) -> bool:

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(32768, gt=0)
     heartbeat_s: float = Field(15.0, gt=0)
     stream_token_ttl_s: int | None = Field(None, gt=0)
+    # The fake: provider (demos, tests, benchmarks); turn it off in production, where any
+    # tenant could otherwise put text of its choice behind a share link.
+    fake_models: bool = True
     fake_tps: float = Field(30.0, gt=0)
     fake_ttft_ms: float = Field(200.0, ge=0)
     openai_base_url: str | None = None

@@ -9,6 +9,7 @@ Behaviour is chosen by the model name:
 - ``tools``: a reasoning_content prelude, then two tool calls streamed in fragments
 - ``tools-interleaved``: the same, with the two calls' fragments interleaved (parallel calls)
 - ``status-NNN``: HTTP NNN with an OpenAI error body over two lines (``retry-after-ms: 10``)
+- ``surrogate``: "bad", then a lone surrogate (JSON ``\\ud800``), then "text"
 - ``cutoff``: a few words, then ``[DONE]`` with no finish reason; ``empty``: no word either
 - anything else: the words of the last user message, quickly
 
@@ -118,6 +119,10 @@ def build_app(record: Record) -> Starlette:
                     yield "data: [DONE]\n\n"
                     finished = True
                     return
+                elif model == "surrogate":
+                    for piece in ["bad ", "\ud800", " text"]:
+                        words.append(piece)
+                        yield _chunk(model, {"content": piece})
                 elif model == "tools":
                     for piece in REASONING:
                         yield _chunk(model, {"reasoning_content": piece})

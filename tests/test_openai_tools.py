@@ -22,7 +22,6 @@ from tests.fake_upstream import (
     REASONING,
     TOOL_CALLS,
     Record,
-    fake_upstream,
     interleaved_tool_call_deltas,
     tool_call_fragments,
 )
@@ -54,18 +53,9 @@ EXPECTED_CALLS = [
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[tuple[str, Record]]:
-    with fake_upstream() as found:
-        yield found
-
-
-@pytest.fixture(scope="module")
-def stack(upstream: tuple[str, Record]) -> Iterator[Stack]:
+def stack(upstream_stack: Stack) -> Stack:
     """API and worker whose openai: provider talks to the local test server."""
-    s = Stack(apis=1, workers=1, env={"TOKENRELAY_OPENAI_BASE_URL": upstream[0],
-                                      "TOKENRELAY_OPENAI_API_KEY": "test"})
-    yield s
-    s.stop()
+    return upstream_stack
 
 
 @pytest.fixture

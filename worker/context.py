@@ -18,7 +18,7 @@ from tokenrelay.shared.redis import OUTAGE_RETRY_S, create_redis
 from tokenrelay.shared.settings import Settings
 from tokenrelay.worker.control import Control
 from tokenrelay.worker.lease import Lease
-from tokenrelay.worker.providers import Providers
+from tokenrelay.worker.providers import Provider, Providers
 from tokenrelay.worker.providers.anthropic import AnthropicProvider
 from tokenrelay.worker.providers.fake import FakeProvider
 from tokenrelay.worker.providers.openai_compat import OpenAICompatProvider
@@ -76,11 +76,11 @@ class WorkerContext:
 
 
 def build_providers(settings: Settings) -> Providers:
-    return Providers(
-        {
-            "fake": FakeProvider(tps=settings.fake_tps, ttft_s=settings.fake_ttft_ms / 1000),
-            "openai": OpenAICompatProvider(settings.openai_base_url, settings.openai_api_key),
-            "anthropic": AnthropicProvider.from_settings(settings),
-        },
-        default=default_provider(settings),
-    )
+    providers: dict[str, Provider] = {
+        "openai": OpenAICompatProvider(settings.openai_base_url, settings.openai_api_key),
+        "anthropic": AnthropicProvider.from_settings(settings),
+    }
+    if settings.fake_models:  # off: a job for a fake: model (queued before) fails unknown_model
+        providers["fake"] = FakeProvider(tps=settings.fake_tps,
+                                         ttft_s=settings.fake_ttft_ms / 1000)
+    return Providers(providers, default=default_provider(settings))

@@ -15,11 +15,11 @@ import logging
 import secrets
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import keys, lifecycle, queue, streams
+from tokenrelay.shared import keys, lifecycle, models, queue, streams
 from tokenrelay.shared.errors import ProviderError
 from tokenrelay.shared.lifecycle import Ending, Timing
 from tokenrelay.shared.redis import awaited, retrying
@@ -85,9 +85,10 @@ async def run_attempt(wc: WorkerContext, gen_id: str, attempt: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Decoded:
-    """A stored request, ready to stream."""
+    """A stored request, ready to stream: the provider and model name of each candidate
+    (one, or the fallbacks in order)."""
 
-    provider: Provider
+    candidates: list[tuple[Provider, str]]
     request: GenerationRequest
     timing: Timing
 
@@ -120,25 +121,46 @@ def _decode(providers: Providers, meta: list[Any]) -> _Decoded | Ending | None:
         return None
     body = json.loads(raw_request)
     try:
-        provider, name = providers.resolve(body["model"])
+        candidates = [providers.resolve(model) for model in models.candidates(body["model"])]
     except ProviderError as exc:
         return _provider_failure(exc)
     request = GenerationRequest(
-        model=name,
+        model=candidates[0][1],
         messages=body["messages"],
         max_tokens=body.get("max_tokens"),
         temperature=body.get("temperature"),
         extra=body.get("extra") or {},
     )
-    return _Decoded(provider, request, Timing(float(created_at or 0), float(started_at or 0)))
+    return _Decoded(candidates, request, Timing(float(created_at or 0), float(started_at or 0)))
 
 
 async def _pump(wc: WorkerContext, gen_id: str, attempt: int, decoded: _Decoded) -> Finish:
-    """Append the provider's deltas in order; its ``Finish``. Raises ``Fenced`` as soon as
+    """Append the deltas of the first candidate that answers, in order; its ``Finish``.
+
+    A candidate that fails retryably before its first delta hands over to the next
+    (fallbacks); after a delta, or on the last candidate, the failure is the outcome.
+    """
+    last = len(decoded.candidates) - 1
+    for index, (provider, name) in enumerate(decoded.candidates):
+        request = replace(decoded.request, model=name)
+        try:
+            return await _pump_one(wc, gen_id, attempt, provider, request, decoded.timing)
+        except ProviderError as exc:
+            if index == last or not exc.retryable or decoded.timing.first_delta:
+                raise
+            logger.warning("model %s failed before its first token (%s); falling back to %s "
+                           "generation_id=%s", json.dumps(name), exc.code,
+                           json.dumps(decoded.candidates[index + 1][1]), gen_id)
+    raise AssertionError("unreachable: the last candidate returns or raises")
+
+
+async def _pump_one(wc: WorkerContext, gen_id: str, attempt: int, provider: Provider,
+                    request: GenerationRequest, timing: Timing) -> Finish:
+    """Append one provider's deltas in order; its ``Finish``. Raises ``Fenced`` as soon as
     this attempt may no longer write."""
     finish: Finish | None = None
     seq = 0
-    async for chunk in decoded.provider.stream(decoded.request):
+    async for chunk in provider.stream(request):
         if isinstance(chunk, Delta):
             data = chunk.as_event()
             if data:
@@ -146,7 +168,7 @@ async def _pump(wc: WorkerContext, gen_id: str, attempt: int, decoded: _Decoded)
                 if not await append_with_retry(wc, gen_id, attempt, data, seq):
                     raise Fenced()
                 if seq == 1:
-                    decoded.timing.first_delta = time.time()
+                    timing.first_delta = time.time()
         else:
             finish = chunk
     if finish is None:

@@ -7,6 +7,13 @@ runs in ``keys.RUNNING``. A reaper in every worker process (one pass at a time,
 under a short lock) finds entries whose worker key has expired and enqueues the
 next attempt, or ends the generation with ``worker_lost`` after the last one.
 Fencing in ``shared.streams`` makes a late write by the lost attempt a no-op.
+
+Losing Redis must never look like losing a worker: while Redis is down (or paused)
+every liveness key can expire, and the first reaper pass after it returns would
+otherwise race the owners' renewals. So a missing key only makes its worker a
+suspect; the reaper recovers a suspect's generations once it has seen the key
+missing for ``SUSPECT_GRACE_S`` of its own observation, time in which a live owner,
+renewing every ``RENEW_EVERY_S``, has written it again.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import contextlib
 import logging
 import os
 import secrets
+import time
 from typing import Any
 
 from redis.asyncio import Redis
@@ -32,10 +40,14 @@ logger = logging.getLogger(__name__)
 ALIVE_TTL_S = 4
 RENEW_EVERY_S = 1.0
 REAP_EVERY_S = 1.0
+# Longer than two renewals (a live owner reconnects and renews within this), short
+# beside the TTL so a real loss is still noticed in seconds.
+SUSPECT_GRACE_S = 2 * RENEW_EVERY_S + 0.5
 
 
 class Lease:
-    def __init__(self, redis: Redis, queue_: queue.Queue, ends: Lifecycle, max_attempts: int):
+    def __init__(self, redis: Redis, queue_: queue.Queue, ends: Lifecycle, max_attempts: int,
+                 grace_s: float = SUSPECT_GRACE_S):
         # The pid makes logs and `tr:running` readable; the random part keeps ids unique.
         self.worker_id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._redis = redis
@@ -43,6 +55,9 @@ class Lease:
         self._ends = ends
         self._max_attempts = max_attempts
         self._tasks: list[asyncio.Task[None]] = []
+        self._grace_s = grace_s
+        # worker id -> (first, last) time (monotonic) this process saw its key missing
+        self._suspects: dict[str, tuple[float, float]] = {}
 
     def start(self) -> None:
         self._tasks = [
@@ -94,11 +109,29 @@ class Lease:
             for _, worker_id, _ in entries:
                 pipe.exists(keys.worker_alive(worker_id))
             alive = await pipe.execute()
+        lost_workers = self._confirmed({
+            worker_id for (_, worker_id, _), is_alive in zip(entries, alive, strict=True)
+            if not is_alive})
         lost = 0
-        for (gen_id, worker_id, attempt_s), is_alive in zip(entries, alive, strict=True):
-            if not is_alive:
+        for gen_id, worker_id, attempt_s in entries:
+            if worker_id in lost_workers:
                 lost += await self._recover(gen_id, worker_id, int(attempt_s))
         return lost
+
+    def _confirmed(self, missing: set[str]) -> set[str]:
+        """Of the workers whose key is missing now, those missing for the whole grace.
+
+        An observation continues a suspicion only if the previous one was recent; a
+        worker seen alive (or not seen for a while) starts over.
+        """
+        now = time.monotonic()
+        window = self._grace_s + 2 * REAP_EVERY_S
+        suspects = {}
+        for worker_id in missing:
+            first, last = self._suspects.get(worker_id, (now, now))
+            suspects[worker_id] = (first if now - last <= window else now, now)
+        self._suspects = suspects
+        return {w for w, (first, _) in suspects.items() if now - first >= self._grace_s}
 
     async def _recover(self, gen_id: str, worker_id: str, attempt: int) -> int:
         meta = await awaited(self._redis.hmget(keys.meta(gen_id), ["status", "attempt"]))
@@ -106,6 +139,7 @@ class Lease:
         if status is None or status in ev.TERMINAL_STATUSES or text(meta[1]) != str(attempt):
             # Ended, expired, or already taken over: only the bookkeeping is stale.
             await awaited(self._redis.hdel(keys.RUNNING, gen_id))
+            await queue.drop(self._queue, gen_id, attempt)
             return 0
         if attempt >= self._max_attempts:
             logger.error("worker lost %d times, giving up generation_id=%s", attempt, gen_id)
@@ -116,4 +150,6 @@ class Lease:
             logger.warning("worker %s lost; restarting generation_id=%s attempt=%d",
                            worker_id, gen_id, attempt + 1)
             await queue.enqueue_attempt(self._queue, gen_id, attempt + 1)
+        # The lost attempt's job would count against the queue's limit until its claim expired.
+        await queue.drop(self._queue, gen_id, attempt)
         return 1

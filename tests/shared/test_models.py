@@ -83,3 +83,15 @@ async def test_an_unreachable_upstream_lists_only_the_fake_models(
     """When the upstream's list cannot be had, /v1/models still answers, with the fake models."""
     monkeypatch.setenv("TOKENRELAY_OPENAI_BASE_URL", f"http://127.0.0.1:{free_port()}/v1")
     assert await available_models(Settings()) == ["fake:echo", "fake:lorem", "fake:error"]
+
+
+def test_the_fake_models_can_be_turned_off() -> None:
+    """FAKE_MODELS=false: fake:* is refused, listed nowhere, and no worker serves it."""
+    from tokenrelay.worker.context import build_providers
+
+    off = Settings(fake_models=False)
+    assert "turned off" in (check_model("fake:echo", off) or "")
+    assert check_model("fake:echo", Settings()) is None
+    assert not [m for m in models.listed_models(off) if m.startswith("fake:")]
+    with pytest.raises(UnknownModel):
+        build_providers(off).resolve("fake:echo")

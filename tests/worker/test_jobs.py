@@ -194,3 +194,25 @@ async def test_a_worker_stopping_mid_stream_hands_the_generation_over(job: Job) 
         assert time.monotonic() < deadline, "attempt 2 was not queued"
         await asyncio.sleep(0.01)
     assert not [e for e in await _events(job.wc.redis, gen_id) if e.terminal]
+
+
+@pytest.mark.parametrize(("first", "expected"), [
+    # Retryable, before any token: the next model answers.
+    (Scripted(error=UpstreamError.for_status(503, "overloaded")), "Hi there"),
+    # Not retryable (a 401 would fail the same way again): no fallback.
+    (Scripted(error=UpstreamError.for_status(401, "bad key")), None),
+    # After a token: no fallback, which would mix two answers.
+    (Scripted(chunks=[Delta("par")], error=UpstreamError("went away")), None),
+])
+async def test_fallbacks_take_over_only_before_the_first_token(
+        job: Job, first: Scripted, expected: str | None) -> None:
+    """``model`` "a,b": b answers only when a failed retryably before its first token."""
+    second = Scripted(chunks=[Delta("Hi"), Delta(" there"), Finish("stop")])
+    wc = replace(job.wc, providers=Providers({"first": first, "second": second}))
+    gen_id = await _queued(wc.redis, "gen_" + "f" * 32, model="first:a,second:b")
+    outcome = await run_attempt(wc, gen_id, 1)
+    _, content = await streams.read_status(wc.redis, gen_id)  # type: ignore[misc]
+    if expected is None:
+        assert outcome == ev.ERROR and not second.streamed.is_set()
+    else:
+        assert outcome == ev.DONE and content == expected

@@ -23,6 +23,25 @@ class GenerationRequest:
     extra: dict[str, Any] = field(default_factory=dict)  # tools, tool_choice, ...
 
 
+def utf8_safe(value: Any) -> Any:
+    """``value`` with every lone surrogate (an upstream's bad ``\\ud800`` escape) turned
+    into U+FFFD, strings inside lists and dicts included: such a string cannot be written
+    to Redis or sent on, and would end the generation."""
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return value
+    if isinstance(value, list):
+        return [utf8_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {key: utf8_safe(item) for key, item in value.items()}
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Delta:
     content: str | None = None
@@ -30,14 +49,14 @@ class Delta:
     tool_calls: list[dict[str, Any]] | None = None
 
     def as_event(self) -> dict[str, Any]:
-        """The data of the ``delta`` event that carries this delta."""
+        """The data of the ``delta`` event that carries this delta (as text UTF-8 can carry)."""
         data: dict[str, Any] = {}
         if self.content:
-            data["content"] = self.content
+            data["content"] = utf8_safe(self.content)
         if self.reasoning:
-            data["reasoning"] = self.reasoning
+            data["reasoning"] = utf8_safe(self.reasoning)
         if self.tool_calls:
-            data["tool_calls"] = self.tool_calls
+            data["tool_calls"] = utf8_safe(self.tool_calls)
         return data
 
     def size(self) -> int:
