@@ -190,3 +190,49 @@ def test_a_post_whose_answer_was_lost_is_not_sent_twice(env: tuple[Stack, Record
     t = settled(stack.url, thread_id, 2)  # one question and its answer: not two questions
     assert [m["content"] for m in t["messages"]] == ["said once only", "said once only"]
     assert sum(b"POST /v1/threads/" in r for r in proxy.requests) == 1
+
+
+def test_chat_thread_resumes_a_stream_cut_mid_answer(env: tuple[Stack, Record]) -> None:
+    """The connection breaks in the middle of the answer: `chat --thread` reconnects with
+    Last-Event-ID and prints the answer exactly once."""
+    stack, _ = env
+    made = httpx.post(f"{stack.url}/v1/threads", json={"model": "fake:echo"}, timeout=10)
+    thread_id = made.json()["id"]
+    prompt = " ".join(f"w{i}" for i in range(150))
+    proxy = CuttingProxy(stack.ports[0], [3000])  # past the GET, inside the event stream
+    try:
+        cli = run("chat", "--thread", thread_id, prompt, "--url", proxy.url)
+    finally:
+        proxy.close()
+    assert cli.popen.returncode == 0, cli.err.text
+    assert proxy.cut_count == 1 and b"event: delta" in proxy.responses[0]
+    assert any(b"last-event-id: " in r.lower() for r in proxy.requests[1:])
+    assert cli.stdout == prompt
+    t = settled(stack.url, thread_id, 2)
+    assert t["messages"][1]["content"] == prompt
+
+
+def test_interactive_on_a_thread_shows_history_and_follows_its_answer(
+        env: tuple[Stack, Record]) -> None:
+    """`chat --thread ID` on a terminal while an answer is being written (from elsewhere):
+    the history is printed, the answer is followed live from its first word."""
+    stack, _ = env
+    made = httpx.post(f"{stack.url}/v1/threads", json={"model": "openai:slow"}, timeout=10)
+    thread_id = made.json()["id"]
+    posted = httpx.post(f"{stack.url}/v1/threads/{thread_id}/messages",
+                        json={"content": "from another device"}, timeout=10)
+    assert posted.status_code == 202, posted.text
+    cli = Cli("chat", "--thread", thread_id, "--url", stack.url,
+              tty=("stdin", "stdout", "stderr"))
+    try:
+        cli.wait_until(lambda c: "w2 " in c.out.text, "the answer in flight")
+        cli.popen.send_signal(signal.SIGINT)
+        cli.wait_until(lambda c: "[stopped: cancelled]" in c.err.text, "the cancel notice")
+        cli.type("\x04")
+        assert cli.wait(20) == 0
+    finally:
+        cli.kill()
+    shown = plain(cli.out.text).replace("\r\n", "\n")
+    assert "› from another device\nw0 w1 w2 " in shown, shown
+    t = settled(stack.url, thread_id, 2)
+    assert t["messages"][1]["status"] == "cancelled"
