@@ -190,6 +190,8 @@ class Interactive:
             session.out.write("\n")
             if outcome.gen_id is not None:
                 err.print(f"[stopped: {session.cancel(outcome.gen_id)}]", style="yellow")
+            else:
+                err.print("[interrupted before the server answered]", style="yellow")
             return
         except ApiError as exc:
             _error(err, str(exc), EXIT_REFUSED)
