@@ -27,9 +27,11 @@ from typing import Any, Generic, Protocol, TypeVar
 from tokenrelay.api.sse import Connection
 from tokenrelay.shared import events as ev
 
-# At most this many events in one hand-out: bounds a viewer's chunk, and so the
-# bytes one stalled socket can hold beyond its transport's high-water mark.
+# At most this many events, and this many bytes (or one frame, if a frame is larger),
+# in one hand-out: bounds a viewer's chunk, and so what one stalled socket can hold
+# beyond its transport's high-water mark whatever size the events are.
 CHUNK_FRAMES = 256
+CHUNK_BYTES = 64 * 1024
 
 Entry = tuple[bytes | str, dict[Any, Any]]  # one XRANGE/XREAD entry: (id, fields)
 T = TypeVar("T")
@@ -44,21 +46,29 @@ class _Frames:
 
     def __init__(self) -> None:
         self.items: list[bytes] = []
-        self.chunk: tuple[int, int, bytes] = (-1, -1, b"")  # (pos, stop, joined frames)
+        # (pos, stop asked, stop given, joined frames): the chunk the viewers at pos share
+        self.chunk: tuple[int, int, int, bytes] = (-1, -1, -1, b"")
 
     def trim(self, events: list[ev.Event], drop: int) -> None:
         """The channel drops its first ``drop`` events (still in ``events``)."""
         del self.items[:drop]
 
     def hand_out(self, channel: Channel, pos: int, stop: int) -> tuple[bytes, int, bool]:
-        """The frames of [pos, stop) joined (shared by the viewers at ``pos``), as View.take."""
-        base = channel.base
-        cached_pos, cached_stop, chunk = self.chunk
-        if cached_pos != pos or cached_stop != stop:
-            chunk = b"".join(self.items[pos - base : stop - base])
-            self.chunk = (pos, stop, chunk)
+        """The frames of [pos, stop) joined, cut at ``CHUNK_BYTES`` (shared by the viewers
+        at ``pos``), as View.take."""
+        cached_pos, cached_asked, given, chunk = self.chunk
+        if cached_pos != pos or cached_asked != stop:
+            frames = self.items[pos - channel.base : stop - channel.base]
+            size = len(frames[0])
+            count = 1
+            while count < len(frames) and size + len(frames[count]) <= CHUNK_BYTES:
+                size += len(frames[count])
+                count += 1
+            given = pos + count
+            chunk = b"".join(frames[:count])
+            self.chunk = (pos, stop, given, chunk)
         terminal_at = channel.terminal_at
-        return chunk, stop, terminal_at is not None and terminal_at < stop
+        return chunk, given, terminal_at is not None and terminal_at < given
 
 
 class Channel:

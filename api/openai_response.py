@@ -180,9 +180,11 @@ class Completion:
         if fragment.get("type"):
             call["type"] = fragment["type"]
         function = fragment.get("function") or {}
-        for part in ("name", "arguments"):
-            if function.get(part):
-                call["function"][part] += function[part]
+        name = function.get("name")
+        if name and name != call["function"]["name"]:  # a repeated whole name is one name
+            call["function"]["name"] += name
+        if function.get("arguments"):
+            call["function"]["arguments"] += function["arguments"]
 
     def body(self) -> dict[str, Any]:
         """The ``chat.completion``; OpenAIError if the generation did not complete."""

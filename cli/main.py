@@ -47,9 +47,13 @@ def cmd_api(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 1
     _logging(settings)
+    from tokenrelay.api.protocol import KEEP_ALIVE_S, GuardedHttpToolsProtocol
+
     uvicorn.run(
         "tokenrelay.api.app:create_app",
         factory=True,
+        http=GuardedHttpToolsProtocol,  # bounds on request heads and slow requests
+        timeout_keep_alive=KEEP_ALIVE_S,
         host=args.host,
         port=args.port,
         workers=args.workers,

@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     max_concurrent_per_tenant: int = Field(64, gt=0)
     max_queue_depth: int = Field(10000, gt=0)
     max_body_bytes: int = Field(1_000_000, gt=0)
+    # A bare `tokenrelay api` (api/protocol.py): a request's head (request line and
+    # headers) in bytes and in time, and the time its body may take after the head.
+    request_head_max_bytes: int = Field(64 * 1024, ge=1024)
+    request_head_timeout_s: float = Field(10.0, gt=0)
+    request_body_timeout_s: float = Field(30.0, gt=0)
     max_tokens_limit: int = Field(32768, gt=0)
     heartbeat_s: float = Field(15.0, gt=0)
     stream_token_ttl_s: int | None = Field(None, gt=0)

@@ -8,6 +8,7 @@ Behaviour is chosen by the model name:
 - ``slow``: 200 words, one every 50 ms (for cancel tests)
 - ``tools``: a reasoning_content prelude, then two tool calls streamed in fragments
 - ``tools-interleaved``: the same, with the two calls' fragments interleaved (parallel calls)
+- ``tools-repeated``: the same, every fragment repeating its call's id and name (llama.cpp)
 - ``status-NNN``: HTTP NNN with an OpenAI error body over two lines (``retry-after-ms: 10``)
 - ``surrogate``: "bad", then a lone surrogate (JSON ``\\ud800``), then "text"
 - ``cutoff``: a few words, then ``[DONE]`` with no finish reason; ``empty``: no word either
@@ -74,6 +75,14 @@ def tool_call_fragments() -> list[dict[str, Any]]:
     return out
 
 
+def repeated_name_fragments() -> list[dict[str, Any]]:
+    """The same fragments as llama-cpp-python streams them: each repeats id, type and name."""
+    by_index = {i: call for i, call in enumerate(TOOL_CALLS)}
+    return [{**fragment, "id": by_index[fragment["index"]]["id"], "type": "function",
+             "function": {**fragment["function"], "name": by_index[fragment["index"]]["name"]}}
+            for fragment in tool_call_fragments()]
+
+
 def interleaved_tool_call_deltas() -> list[list[dict[str, Any]]]:
     """The same two calls as parallel tool calls do arrive: calls open in index order, then
     fragments of both alternate, some chunks carrying one of each (only ``index`` says which
@@ -127,6 +136,12 @@ def build_app(record: Record) -> Starlette:
                     for piece in REASONING:
                         yield _chunk(model, {"reasoning_content": piece})
                     for fragment in tool_call_fragments():
+                        yield _chunk(model, {"tool_calls": [fragment]})
+                    finish = "tool_calls"
+                elif model == "tools-repeated":
+                    for piece in REASONING:
+                        yield _chunk(model, {"reasoning_content": piece})
+                    for fragment in repeated_name_fragments():
                         yield _chunk(model, {"tool_calls": [fragment]})
                     finish = "tool_calls"
                 elif model == "tools-interleaved":

@@ -43,9 +43,11 @@ async def test_langchain_async_stream(stack: Stack) -> None:
     assert "".join(parts) == PROMPT and len([p for p in parts if p]) > 1
 
 
-def test_langchain_bind_tools_gets_whole_tool_calls(stack: Stack) -> None:
-    """The upstream streams two tool calls in fragments; LangChain gets them whole, names
-    and arguments intact, not streamed and streamed."""
+@pytest.mark.parametrize("model", ["tools", "tools-repeated"])
+def test_langchain_bind_tools_gets_whole_tool_calls(stack: Stack, model: str) -> None:
+    """The upstream streams two tool calls in fragments (repeating the name in each, as
+    llama.cpp does, for tools-repeated); LangChain gets them whole, names and arguments
+    intact, not streamed and streamed."""
 
     @tool
     def get_weather(city: str, unit: str) -> str:
@@ -57,7 +59,7 @@ def test_langchain_bind_tools_gets_whole_tool_calls(stack: Stack) -> None:
         """The time in a time zone."""
         return "noon"
 
-    chat = _chat(stack, "openai:tools").bind_tools([get_weather, get_time])
+    chat = _chat(stack, f"openai:{model}").bind_tools([get_weather, get_time])
     expected = [(call["name"], call["arguments"]) for call in TOOL_CALLS]
     answer = chat.invoke("weather and time in Paris?")
     assert [(c["name"], json.dumps(c["args"])) for c in answer.tool_calls] == [

@@ -23,6 +23,7 @@ from tests.fake_upstream import (
     TOOL_CALLS,
     Record,
     interleaved_tool_call_deltas,
+    repeated_name_fragments,
     tool_call_fragments,
 )
 from tests.stack import Stack
@@ -38,11 +39,27 @@ TOOLS = [
     for call in TOOL_CALLS
 ]
 MESSAGES = [{"role": "user", "content": "weather and time in Paris?"}]
+def _name_once(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    named: set[int] = set()
+    out = []
+    for fragment in fragments:
+        function = dict(fragment["function"])
+        copy = {**fragment, "function": function}
+        if fragment["index"] in named:
+            del function["name"], copy["id"]
+        named.add(fragment["index"])
+        out.append(copy)
+    return out
+
+
 # What the server's tool calls are once assembled: the OpenAI message shape.
 # The tool_calls of each upstream chunk, by model: one call after the other, or interleaved.
 UPSTREAM_DELTAS = {
     "tools": [[fragment] for fragment in tool_call_fragments()],
     "tools-interleaved": interleaved_tool_call_deltas(),
+    # llama.cpp repeats the name in every fragment; it is passed on once per call, as
+    # OpenAI streams it, so accumulating clients do not read it twice.
+    "tools-repeated": [[fragment] for fragment in _name_once(repeated_name_fragments())],
 }
 MODELS = pytest.mark.parametrize("model", sorted(UPSTREAM_DELTAS))
 EXPECTED_CALLS = [

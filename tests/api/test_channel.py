@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tokenrelay.api.channel import (
+    CHUNK_BYTES,
     EVENTS,
     SSE,
     Channel,
@@ -96,6 +97,19 @@ async def test_each_encoding_encodes_an_event_once_for_all_its_viewers() -> None
     assert loud_chunks[0] == [b"DELTA" * 5 + b"DONE"]
     assert sse_chunks[0] == [b"".join(ev.encode_event(e) for e in channel.events)]
     assert all(c[0] is sse_chunks[0][0] for c in sse_chunks)  # one joined chunk, shared
+
+
+async def test_a_hand_out_is_capped_in_bytes_not_only_in_frames() -> None:
+    """Large events: no chunk is over CHUNK_BYTES unless it is a single larger frame, and
+    the chunks together are every frame once, in order."""
+    sizes = [30_000, 30_000, 30_000, 200_000, 10, 10]
+    channel = Channel("gen", 100)
+    channel.append([entry(n, content="x" * size) for n, size in enumerate(sizes)]
+                   + [entry(len(sizes), ev.DONE)])
+    chunks = await drain(Viewer(Hub(channel, []), "gen", None, SSE, channel))
+    assert b"".join(chunks) == b"".join(ev.encode_event(e) for e in channel.events)
+    assert len(chunks) == 4  # 2 x 30 KB, 30 KB alone, 200 KB alone, the small rest
+    assert all(len(c) <= CHUNK_BYTES or c.count(b"event: ") == 1 for c in chunks)
 
 
 async def test_typed_and_sse_viewers_see_the_same_events() -> None:

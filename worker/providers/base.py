@@ -66,6 +66,40 @@ class Delta:
         return len(self.content or "") + len(self.reasoning or "") + arguments
 
 
+class ToolCallFragments:
+    """Per stream: tool-call fragments as OpenAI streams them, a call's id and name once.
+
+    Some upstreams (llama.cpp's servers) repeat the call's id and whole name in every
+    fragment; a client that accumulates fragments, as the openai SDK and tokenrelay's
+    facade do, would read ``get_weatherget_weather``. An id or name equal to the one the
+    call already has is dropped from a later fragment; a different name extends it (a
+    name sent in pieces).
+    """
+
+    __slots__ = ("_calls",)
+
+    def __init__(self) -> None:
+        self._calls: dict[int, tuple[str, str]] = {}  # index -> (id, name so far)
+
+    def once(self, fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for fragment in fragments:
+            index = int(fragment.get("index", 0))
+            seen_id, seen_name = self._calls.get(index, ("", ""))
+            function = fragment.get("function") or {}
+            name = function.get("name") or ""
+            if fragment.get("id") and fragment["id"] == seen_id:
+                fragment = {k: v for k, v in fragment.items() if k != "id"}
+            if name and name == seen_name:
+                fragment = {**fragment, "function": {k: v for k, v in function.items()
+                                                     if k != "name"}}
+            elif name:
+                seen_name += name
+            self._calls[index] = (seen_id or fragment.get("id") or "", seen_name)
+            out.append(fragment)
+        return out
+
+
 @dataclass(frozen=True, slots=True)
 class Finish:
     finish_reason: str

@@ -36,6 +36,7 @@ from tokenrelay.worker.providers.base import (
     Delta,
     Finish,
     GenerationRequest,
+    ToolCallFragments,
     estimate_usage,
 )
 
@@ -81,6 +82,7 @@ class OpenAICompatProvider:
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         produced = 0  # characters of output so far
+        fragments = ToolCallFragments()
         try:
             async with stream:
                 async for chunk in stream:
@@ -91,7 +93,7 @@ class OpenAICompatProvider:
                     for choice in chunk.choices:
                         if choice.finish_reason:
                             finish_reason = choice.finish_reason
-                        delta = _delta(choice.delta)
+                        delta = _delta(choice.delta, fragments)
                         if delta is not None:
                             produced += delta.size()
                             yield delta
@@ -159,13 +161,14 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
 
 
-def _delta(raw: Any) -> Delta | None:
+def _delta(raw: Any, fragments: ToolCallFragments) -> Delta | None:
     if raw is None:
         return None
     extra = raw.model_extra or {}
     reasoning = extra.get("reasoning_content") or extra.get("reasoning")
     tool_calls = (
-        [tc.model_dump(exclude_none=True) for tc in raw.tool_calls] if raw.tool_calls else None
+        fragments.once([tc.model_dump(exclude_none=True) for tc in raw.tool_calls])
+        if raw.tool_calls else None
     )
     if not (raw.content or reasoning or tool_calls):
         return None

@@ -1,0 +1,100 @@
+"""The HTTP protocol a bare ``tokenrelay api`` serves with: uvicorn's httptools protocol
+plus the limits it lacks, so the API holds without a proxy in front.
+
+uvicorn's httptools protocol has no bound on the size of a request's head and no clock
+on a request that arrives slowly: four connections sending unfinished 25 MB headers
+grew an API by 140 MB, and slow heads, slow bodies and silent sockets stayed open for
+as long as their clients liked. Here a request's head must fit ``REQUEST_HEAD_MAX_BYTES``
+(else 431), must be complete ``REQUEST_HEAD_TIMEOUT_S`` after its first byte, or after the
+connection opened (else 408), and its body ``REQUEST_BODY_TIMEOUT_S`` after its head (else
+the connection closes and the app sees the client gone). Responses, SSE streams included, have no
+clock here: they end when the app ends them. Between requests uvicorn's own keep-alive
+timeout applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from asyncio import TimerHandle
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from tokenrelay.shared.settings import get_settings
+
+KEEP_ALIVE_S = 5  # uvicorn's timeout_keep_alive: an idle connection between requests
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    _head_bytes = 0
+    _in_head = True
+    _clock: TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        settings = get_settings()
+        self._max_head = settings.request_head_max_bytes
+        self._head_timeout_s = settings.request_head_timeout_s
+        self._body_timeout_s = settings.request_body_timeout_s
+        super().connection_made(transport)
+        self._head_started()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_clock()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # Checked after parsing: a chunk that also completed the head (and carries the
+        # start of a body) is not a large head.
+        if self._in_head and self._head_bytes > self._max_head and not self.transport.is_closing():
+            self._refuse(b"431 Request Header Fields Too Large",
+                         f"request head over {self._max_head} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._in_head:  # the next request on a kept-alive connection
+            self._head_started()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._set_clock(self._body_timeout_s, self._body_too_slow)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._stop_clock()
+        super().on_message_complete()
+
+    def _head_started(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._set_clock(self._head_timeout_s, self._head_too_slow)
+
+    def _set_clock(self, delay: float, callback: object) -> None:
+        self._stop_clock()
+        self._clock = self.loop.call_later(delay, callback)  # type: ignore[arg-type]
+
+    def _stop_clock(self) -> None:
+        if self._clock is not None:
+            self._clock.cancel()
+            self._clock = None
+
+    def _head_too_slow(self) -> None:
+        if not self.transport.is_closing():
+            self._refuse(b"408 Request Timeout",
+                         f"request head not complete within {self._head_timeout_s:g} s")
+
+    def _body_too_slow(self) -> None:
+        # The app is reading the body: closing tells it the client is gone.
+        if not self.transport.is_closing():
+            self.logger.warning("closing a request whose body took over %g s",
+                                self._body_timeout_s)
+            self.transport.close()
+
+    def _refuse(self, status: bytes, message: str) -> None:
+        self._stop_clock()
+        body = ('{"error":{"code":"bad_request","message":"' + message + '"}}').encode()
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+                             b"content-length: " + str(len(body)).encode() + b"\r\n"
+                             b"connection: close\r\n\r\n" + body)
+        self.transport.close()
