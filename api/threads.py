@@ -99,6 +99,7 @@ class ThreadSummary(BaseModel):
     model: str
     metadata: dict[str, str]
     active_generation_id: str | None
+    message_count: int = Field(description="user and assistant messages (two per turn)")
 
 
 class ThreadList(BaseModel):
@@ -109,7 +110,8 @@ class ThreadList(BaseModel):
 def _summary(thread: store.Thread) -> ThreadSummary:
     return ThreadSummary(id=thread.id, title=thread.title, created_at=thread.created_at,
                          updated_at=thread.updated_at, model=thread.model,
-                         metadata=thread.metadata, active_generation_id=thread.active)
+                         metadata=thread.metadata, active_generation_id=thread.active,
+                         message_count=2 * thread.turn_count)
 
 
 def _check_content(state: AppState, name: str, value: str) -> None:

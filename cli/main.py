@@ -1,4 +1,4 @@
-"""The ``tokenrelay`` command: api, worker, dev, chat, watch."""
+"""The ``tokenrelay`` command: api, worker, dev, chat, watch, threads."""
 
 from __future__ import annotations
 
@@ -83,16 +83,32 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from tokenrelay.cli.client import chat
+    from tokenrelay.cli import threads
+    from tokenrelay.cli.client import Session, chat
 
     prompt = args.prompt
+    body = threads.message_body("", args.model, args.max_tokens, args.if_busy)
+    if prompt is None and sys.stdin.isatty():
+        session = Session(args.url, args.api_key, sys.stdout, sys.stderr, sys.stdin)
+        return threads.Interactive(session, body).run(args.thread, args.system)
+    if args.system is not None:
+        args.parser.error("--system starts a new thread: give no PROMPT (interactive session)")
     if prompt is None or prompt == "-":
-        if prompt is None and sys.stdin.isatty():
-            args.parser.error("give a PROMPT, or pipe one: echo hi | tokenrelay chat -")
         prompt = sys.stdin.read().rstrip()
         if not prompt:
             args.parser.error("the prompt read from stdin is empty")
+    if args.thread is not None:
+        session = Session(args.url, args.api_key, sys.stdout, sys.stderr, sys.stdin)
+        return threads.chat_thread(session, args.thread, {**body, "content": prompt})
     return chat(args.url, prompt, args.model, args.api_key, max_tokens=args.max_tokens)
+
+
+def cmd_threads(args: argparse.Namespace) -> int:
+    from tokenrelay.cli.client import Session
+    from tokenrelay.cli.threads import list_threads
+
+    session = Session(args.url, args.api_key, sys.stdout, sys.stderr, sys.stdin)
+    return list_threads(session, args.limit, args.json)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -117,12 +133,22 @@ exit codes:
 
 def _client_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     chat = sub.add_parser(
-        "chat", help="start a generation and print it as it streams",
-        description="Start a generation and print its text as it streams.",
+        "chat", help="start a generation and print it as it streams; chat in a thread",
+        description="Start a generation and print its text as it streams. With --thread ID "
+                    "the prompt is the thread's next message, answered with its history. "
+                    "With no PROMPT and stdin a terminal: an interactive session on a new "
+                    "thread (or --thread ID).",
         epilog=CLIENT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     chat.add_argument("prompt", nargs="?", default=None,
                       help="the prompt; '-' (or none, with stdin not a terminal) reads it "
-                           "from stdin")
+                           "from stdin; none on a terminal: an interactive session")
+    chat.add_argument("--thread", default=None, metavar="ID",
+                      help="continue this thread (thr_...): the prompt is its next message")
+    chat.add_argument("--system", default=None,
+                      help="system prompt of the new thread an interactive session starts")
+    chat.add_argument("--if-busy", default="enqueue", choices=("enqueue", "reject", "interrupt"),
+                      help="thread messages, while another answer of the thread is being "
+                           "written: run after it, refuse, or cancel it (default: enqueue)")
     chat.add_argument("--model", default=None,
                       help="provider:name, e.g. fake:lorem or openai:gpt-4o-mini "
                            "(default: the server's TOKENRELAY_DEFAULT_MODEL)")
@@ -142,7 +168,18 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="read-only stream token (from a share link) instead of an API key")
     watch.set_defaults(func=cmd_watch)
 
-    for c in (chat, watch):
+    threads = sub.add_parser(
+        "threads", help="list your threads, newest activity first",
+        description="List your threads (conversations), newest activity first: id, title, "
+                    "last activity and number of messages. Continue one with "
+                    "`tokenrelay chat --thread ID`.")
+    threads.add_argument("--limit", type=int, default=20,
+                         help="how many to list, 1 to 100 (default: 20)")
+    threads.add_argument("--json", action="store_true",
+                         help="print the API's JSON page instead of a table")
+    threads.set_defaults(func=cmd_threads)
+
+    for c in (chat, watch, threads):
         c.add_argument("--url", default=os.environ.get("TOKENRELAY_URL", DEFAULT_URL),
                        help="the API (default: $TOKENRELAY_URL or %(default)s)")
         c.add_argument("--api-key", default=os.environ.get("TOKENRELAY_API_KEY"),

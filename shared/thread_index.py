@@ -42,12 +42,12 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 
 async def page(
     redis: Redis, tenant: str, limit: int, cursor: str | None = None
-) -> tuple[list[tuple[str, dict[Any, Any]]], str | None]:
+) -> tuple[list[tuple[str, dict[Any, Any], int]], str | None]:
     """Up to ``limit`` of the tenant's threads, newest activity first, as (id, raw meta
-    hash), and the cursor of the next page (None on the last)."""
+    hash, number of turns), and the cursor of the next page (None on the last)."""
     index = keys.tenant_threads(tenant)
     after = decode_cursor(cursor) if cursor else None
-    found: list[tuple[str, dict[Any, Any], float]] = []
+    found: list[tuple[str, dict[Any, Any], int, float]] = []
     expired: list[str] = []
     offset = 0
     while len(found) <= limit:
@@ -63,18 +63,20 @@ async def page(
         async with redis.pipeline(transaction=False) as pipe:
             for thread_id, _ in ids:
                 pipe.hgetall(keys.thread_meta(thread_id))
-            metas = await pipe.execute()
-        for (thread_id, score), meta in zip(ids, metas, strict=True):
+                pipe.llen(keys.thread_turns(thread_id))
+            replies = await pipe.execute()
+        for (thread_id, score), meta, turns in zip(ids, replies[::2], replies[1::2],
+                                                   strict=True):
             if meta:
-                found.append((thread_id, meta, score))
+                found.append((thread_id, meta, int(turns), score))
             else:
                 expired.append(thread_id)
     if expired:
         await redis.zrem(index, *expired)
     more = len(found) > limit
     found = found[:limit]
-    next_cursor = encode_cursor(found[-1][2], found[-1][0]) if more and found else None
-    return [(thread_id, meta) for thread_id, meta, _ in found], next_cursor
+    next_cursor = encode_cursor(found[-1][3], found[-1][0]) if more and found else None
+    return [(thread_id, meta, turns) for thread_id, meta, turns, _ in found], next_cursor
 
 
 

@@ -142,6 +142,7 @@ class Thread:
     usage: dict[str, int]
     turns: list[Turn] = field(default_factory=list)
     replies: dict[str, Reply] = field(default_factory=dict)
+    turn_count: int = 0  # a listing's count; ``turns`` is loaded by load() only
 
 
 def _thread_of(thread_id: str, raw_meta: dict[Any, Any]) -> Thread:
@@ -386,4 +387,7 @@ async def list_threads(
     """A page of the tenant's threads, newest activity first, and the next page's cursor
     (ValueError for a malformed one)."""
     found, next_cursor = await thread_index.page(redis, tenant, limit, cursor)
-    return [_thread_of(thread_id, meta) for thread_id, meta in found], next_cursor
+    page = [_thread_of(thread_id, meta) for thread_id, meta, _ in found]
+    for thread, (_, _, turns) in zip(page, found, strict=True):
+        thread.turn_count = turns
+    return page, next_cursor

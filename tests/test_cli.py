@@ -440,14 +440,15 @@ def test_prompt_from_stdin(cli_stack: Stack) -> None:
     assert bare.stdout == "no prompt given"
 
 
-def test_no_prompt_on_a_terminal_is_a_usage_error() -> None:
-    """With no prompt and a terminal on stdin, chat says how to give one instead of waiting."""
+def test_no_prompt_on_a_terminal_opens_a_session_and_says_when_unreachable() -> None:
+    """With no prompt and a terminal on stdin, chat opens an interactive session instead of
+    waiting for stdin; with nothing listening it says so at once (code 4)."""
     cli = Cli("chat", "--url", "http://127.0.0.1:9", tty=("stdin",))
     try:
-        assert cli.wait(20) == 2
+        assert cli.wait(20) == 4
     finally:
         cli.kill()
-    assert "echo hi | tokenrelay chat -" in cli.err.text
+    assert "cannot reach http://127.0.0.1:9" in cli.err.text
 
 
 def test_version() -> None:

@@ -368,6 +368,7 @@ def test_listing_is_newest_activity_first_with_titles_and_a_cursor(stack: Stack)
     first = httpx.get(f"{stack.url}/v1/threads", headers=GLOBEX, params={"limit": 2}).json()
     assert [item["id"] for item in first["data"]] == [ids[0], ids[2]]
     assert first["data"][0]["title"] == "Hello there, what is the plan?"
+    assert [item["message_count"] for item in first["data"]] == [2, 0]  # question and answer
     second = httpx.get(f"{stack.url}/v1/threads", headers=GLOBEX,
                        params={"limit": 2, "cursor": first["next_cursor"]}).json()
     assert [item["id"] for item in second["data"]] == [ids[1]]
