@@ -8,7 +8,8 @@ import asyncio
 from typing import Any
 
 from tests.api.test_channel import Hub, drain, entry
-from tokenrelay.api.channel import Channel, Entry, Fold, Viewer
+from tokenrelay.api.channel import Channel, Entry, Viewer
+from tokenrelay.api.fold import Fold
 from tokenrelay.shared import events as ev
 
 
