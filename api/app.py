@@ -28,6 +28,7 @@ from tokenrelay.api.routes import (
     threads,
     usage,
     web,
+    ws,
 )
 from tokenrelay.api.routes.docs import add_docs
 from tokenrelay.api.sse import Connections
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_compat.router)
     app.include_router(usage.router)
     app.include_router(metrics.router)
+    app.include_router(ws.router)
     app.state.metrics = Metrics()
     app.add_middleware(EventsFastPath)  # innermost: SSE viewers skip the router's layers
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, errors=errors)

@@ -37,6 +37,12 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 
+class Trimmed(Protocol):
+    """What a channel keeps per encoding: told when the channel drops its oldest events."""
+
+    def trim(self, events: list[ev.Event], drop: int) -> None: ...
+
+
 class _Frames:
     """One protocol's frames of a channel's events (from ``base``), filled as viewers ask."""
 
@@ -87,7 +93,7 @@ class Channel:
         self.loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._max_events = max_events
         self._waiters: list[asyncio.Future[None]] = []
-        self.frames: dict[object, _Frames] = {}  # per encoding or fold, filled as viewers ask
+        self.frames: dict[object, Trimmed] = {}  # per encoding or fold, filled as viewers ask
         self.priming: dict[object, asyncio.Future[None]] = {}  # folds being primed from Redis
 
     @property
@@ -202,8 +208,9 @@ class Encoding:
         first; viewers at the same position share one joined chunk.
         """
         frames = channel.frames.get(self)
-        if frames is None:
-            frames = channel.frames[self] = _Frames()
+        if not isinstance(frames, _Frames):
+            frames = _Frames()
+            channel.frames[self] = frames
         base, items = channel.base, frames.items
         stop = min(base + len(channel.events), pos + CHUNK_FRAMES)
         if len(items) < stop - base:

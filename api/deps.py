@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from redis.asyncio import Redis
+from starlette.requests import HTTPConnection
 
 from tokenrelay.api.hub import Hub
 from tokenrelay.api.metrics import Metrics
@@ -56,7 +57,9 @@ async def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
-def _bearer_tenant(request: Request, state: AppState) -> str | None:
+def bearer_tenant(request: HTTPConnection, state: AppState) -> str | None:
+    """The tenant of the request's ``Authorization: Bearer`` key (the default one when auth
+    is off); None without a valid key. For WebSocket handshakes too."""
     if not state.tenants_by_key:
         return DEFAULT_TENANT
     header = request.headers.get("authorization", "")
@@ -67,7 +70,7 @@ def _bearer_tenant(request: Request, state: AppState) -> str | None:
 
 
 async def get_tenant(request: Request, state: State) -> str:
-    tenant = _bearer_tenant(request, state)
+    tenant = bearer_tenant(request, state)
     if tenant is None:
         raise Unauthorized("missing or invalid API key (Authorization: Bearer KEY)")
     return tenant
@@ -78,7 +81,7 @@ async def get_reader(
     state: State,
     token: Annotated[str | None, Query(description="read-only stream token")] = None,
 ) -> Principal:
-    tenant = _bearer_tenant(request, state)
+    tenant = bearer_tenant(request, state)
     if tenant is not None:
         return Principal(tenant)
     if token:

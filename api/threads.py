@@ -266,7 +266,20 @@ async def _cancel(state: AppState, tenant: str, gen_id: str) -> None:
 async def active_stream(
     state: AppState, who: Principal, thread_id: str, after: ev.StreamId | None
 ) -> EventStreamResponse | None:
-    """The event stream of the thread's active generation; None (204) if none is active.
+    """The event stream of the thread's active generation; None (204) if none is active."""
+    found = await active_generation(state, who, thread_id, after)
+    if found is None:
+        return None
+    owner, gen_id = found
+    response = await generations.open_event_stream(state, Principal(owner), gen_id, after)
+    response.raw_headers.append((b"x-thread-id", thread_id.encode()))
+    return response
+
+
+async def active_generation(
+    state: AppState, who: Principal, thread_id: str, after: ev.StreamId | None
+) -> tuple[str, str] | None:
+    """(owner, id) of the thread's active generation; None if none is active.
 
     A generation that has ended but not yet left the slot is still streamed to a
     client that has not seen its end (``after`` before its last event).
@@ -287,9 +300,7 @@ async def active_stream(
         last = await state.redis.xrevrange(keys.events(gen_id), count=1)
         if not last or ev.parse_id(text(last[0][0])) <= after:
             return None
-    response = await generations.open_event_stream(state, Principal(text(owner)), gen_id, after)
-    response.raw_headers.append((b"x-thread-id", thread_id.encode()))
-    return response
+    return text(owner), gen_id
 
 
 async def delete(state: AppState, tenant: str, thread_id: str) -> None:

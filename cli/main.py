@@ -53,6 +53,11 @@ def cmd_api(args: argparse.Namespace) -> int:
         "tokenrelay.api.app:create_app",
         factory=True,
         http=GuardedHttpToolsProtocol,  # bounds on request heads and slow requests
+        # /v1/ws: the websockets library's sans-I/O protocol (write backpressure from uvicorn
+        # 0.52.1), without per-message compression: deflating is work per socket and per
+        # message, where the hub makes each message once per process.
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
         timeout_keep_alive=KEEP_ALIVE_S,
         host=args.host,
         port=args.port,

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # turns that fit; how many were dropped goes into its metadata.
     thread_context_chars: int = Field(400_000, gt=0)
     thread_max_message_chars: int = Field(100_000, gt=0)  # a thread message's content (422)
+    # /v1/ws: subscriptions one socket may hold at once, and the browser origins (besides the
+    # API's own) that may open a socket: comma-separated, "*" for any.
+    ws_max_subscriptions: int = Field(100, gt=0)
+    ws_allowed_origins: str | None = None
 
     @field_validator("api_keys")
     @classmethod
@@ -91,6 +95,11 @@ class Settings(BaseSettings):
     @property
     def token_ttl_s(self) -> int:
         return self.stream_token_ttl_s or self.retention_s
+
+    def ws_origins(self) -> frozenset[str]:
+        """WS_ALLOWED_ORIGINS as a set of lower-case origins (``*`` for any)."""
+        raw = self.ws_allowed_origins or ""
+        return frozenset(o.strip().rstrip("/").lower() for o in raw.split(",") if o.strip())
 
     def tenants_by_key(self) -> dict[str, str]:
         """Map each API key to its tenant; empty when auth is off."""

@@ -1,0 +1,73 @@
+"""``GET /v1/ws``: the WebSocket handshake (origin, credentials, capacity), then a session.
+
+Checked before the socket is accepted, each refused with an HTTP answer in the native
+error shape: the browser's ``Origin`` (403; RFC 6455 §10.2: neither uvicorn nor
+Starlette checks it), credentials given in the handshake (401: an ``Authorization:
+Bearer`` key, or a stream token as ``?token=``), and the process's viewer limit (503).
+A socket without credentials is accepted: it authenticates with an ``auth`` message
+(browsers cannot set headers on a WebSocket).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, WebSocket
+from fastapi.responses import JSONResponse
+
+from tokenrelay.api.deps import AppState, bearer_tenant
+from tokenrelay.api.errors import Failure, native_shape
+from tokenrelay.api.ws_session import Session
+
+router = APIRouter(tags=["websocket"])
+
+
+@router.websocket("/v1/ws")
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    state: AppState = websocket.app.state.tr
+    refusal = _refusal(state, websocket)
+    if refusal is not None:
+        _, body = native_shape(refusal)
+        headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after else None
+        await websocket.send_denial_response(
+            JSONResponse(body, status_code=refusal.status, headers=headers))
+        return
+    tenant = bearer_tenant(websocket, state)
+    token = websocket.query_params.get("token")
+    grants = set()
+    if token:
+        granted = state.tokens.verify(token)
+        assert granted is not None  # checked by _refusal
+        grants.add(granted)
+    await websocket.accept()
+    await Session(state, websocket, tenant, grants).run()
+
+
+def _refusal(state: AppState, websocket: WebSocket) -> Failure | None:
+    origin = websocket.headers.get("origin")
+    if origin is not None and not origin_allowed(origin, websocket.headers.get("host", ""),
+                                                 state.settings.ws_origins()):
+        return Failure(403, "forbidden", f"origin {origin} may not open this WebSocket "
+                       "(TOKENRELAY_WS_ALLOWED_ORIGINS)")
+    if "authorization" in websocket.headers and bearer_tenant(websocket, state) is None:
+        return Failure(401, "unauthorized", "invalid API key (Authorization: Bearer KEY)")
+    token = websocket.query_params.get("token")
+    if token and state.tokens.verify(token) is None:
+        return Failure(401, "unauthorized", "invalid or expired stream token")
+    if len(state.hub.connections) >= state.settings.max_viewers_per_process:
+        return Failure(503, "overloaded", "this API process is at its viewer limit; "
+                       "retry (any instance)", retry_after=1)
+    return None
+
+
+def origin_allowed(origin: str, host: str, allowed: frozenset[str]) -> bool:
+    """Same origin (the ``Origin``'s host and port are the request's ``Host``), or listed
+    in WS_ALLOWED_ORIGINS (``*``: any)."""
+    normalized = origin.strip().rstrip("/").lower()
+    if "*" in allowed or normalized in allowed:
+        return True
+    try:
+        netloc = urlsplit(normalized).netloc
+    except ValueError:
+        return False
+    return bool(netloc) and netloc == host.strip().lower()

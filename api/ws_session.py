@@ -1,0 +1,378 @@
+"""One ``/v1/ws`` socket: its subscriptions, fed by the hub, and the client's messages.
+
+    receive loop (the socket's task) ─ parse ─▶ subscribe / create / cancel / auth ─▶ reply
+    subscription task (one each) ─ Viewer.next ─▶ event messages ─┐
+    ticker (api.sse.Connections) ─ idle ─▶ ping; send > timeout ─▶ cancel the socket
+                                                                   ▼
+                                               send lock ─▶ websocket.send (one at a time)
+
+A subscription is a :class:`~tokenrelay.api.channel.Viewer` of its generation's
+channel with the WebSocket view (:data:`WS`): each event's message text is made
+once per process, shared by every socket at the same place, so a WebSocket viewer
+costs Redis and the hub what an SSE viewer costs. A subscription task holds at most
+one batch (``CHUNK_FRAMES`` events, ``CHUNK_BYTES``), and a send waits while the
+socket's transport is over its high-water mark: what a slow socket holds is bounded.
+The socket is one connection of the process's ticker: it gets a ``ping`` message when
+it has been idle ``HEARTBEAT_S``, and is dropped when a send makes no progress for
+``SEND_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from tokenrelay.api import generations, threads
+from tokenrelay.api import ws_protocol as proto
+from tokenrelay.api.channel import CHUNK_BYTES, CHUNK_FRAMES, Channel, Membership, Viewer
+from tokenrelay.api.deps import DEFAULT_TENANT, AppState, Principal
+from tokenrelay.api.schemas import GenerationCreate
+from tokenrelay.api.sse import Connection
+from tokenrelay.shared import events as ev
+from tokenrelay.shared.errors import NotFound, TokenRelayError, TooManyRequests, Unauthorized
+
+logger = logging.getLogger(__name__)
+
+# A send that fails because the socket is gone (ClientDisconnected is an OSError; Starlette
+# raises RuntimeError after a close and WebSocketDisconnect when uvicorn says so).
+_GONE = (OSError, RuntimeError, WebSocketDisconnect)
+
+
+class _Texts:
+    """The WebSocket messages of a channel's events (from its ``base``), filled as asked."""
+
+    __slots__ = ("items", "chunk")
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        # (pos, stop asked, stop given, messages): the batch the viewers at pos share
+        self.chunk: tuple[int, int, int, Sequence[str]] = (-1, -1, -1, ())
+
+    def trim(self, events: list[ev.Event], drop: int) -> None:
+        del self.items[:drop]
+
+
+class WebSocketView:
+    """The channel's events as ``event`` messages (text), each made once per process."""
+
+    empty: Sequence[str] = ()
+
+    def take(self, channel: Channel, pos: int) -> tuple[Sequence[str], int, bool]:
+        texts = channel.frames.get(self)
+        if not isinstance(texts, _Texts):
+            texts = _Texts()
+            channel.frames[self] = texts
+        base, items = channel.base, texts.items
+        stop = min(channel.end, pos + CHUNK_FRAMES)
+        if len(items) < stop - base:
+            gen_id = channel.gen_id
+            items.extend(proto.event_message(gen_id, event)
+                         for event in channel.events[len(items) : stop - base])
+        cached_pos, cached_stop, given, batch = texts.chunk
+        if cached_pos != pos or cached_stop != stop:
+            start = pos - base
+            size, count = len(items[start]), 1
+            while count < stop - pos and size + len(items[start + count]) <= CHUNK_BYTES:
+                size += len(items[start + count])
+                count += 1
+            given, batch = pos + count, tuple(items[start : start + count])
+            texts.chunk = (pos, stop, given, batch)
+        terminal_at = channel.terminal_at
+        return batch, given, terminal_at is not None and terminal_at < given
+
+    async def prepare(self, channel: Channel, hub: Membership) -> None:
+        return None
+
+    async def catch_up(self, hub: Membership, gen_id: str, last: ev.StreamId | None
+                       ) -> Callable[[list[ev.Event]], Sequence[str]]:
+        def texts(events: list[ev.Event]) -> Sequence[str]:
+            return [proto.event_message(gen_id, event) for event in events]
+
+        return texts
+
+
+WS = WebSocketView()
+
+
+@dataclass(eq=False)
+class Subscription:
+    gen_id: str
+    thread_id: str | None
+    viewer: Viewer[Sequence[str]]
+    conn: Connection  # what the viewer parks on
+    task: asyncio.Task[None] | None = None
+
+
+class SocketConnection(Connection):
+    """The socket as the process's ticker sees it: told when a ping is due or the process
+    drains (SIGTERM)."""
+
+    __slots__ = ("on_wake",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any] | None,
+                 now: float, on_wake: Callable[[], None]):
+        super().__init__(loop, task, now, "websocket")
+        self.on_wake = on_wake
+
+    def wake(self) -> None:
+        super().wake()
+        self.on_wake()
+
+
+class Session:
+    """One accepted socket, from its first message to its close."""
+
+    def __init__(self, state: AppState, websocket: WebSocket, tenant: str | None,
+                 grants: set[str]):
+        self.state = state
+        self.ws = websocket
+        self.tenant = tenant  # who creates and cancels (None: not authenticated yet)
+        self.grants = grants  # generation and thread ids stream tokens gave this socket
+        self.subs: dict[str, Subscription] = {}
+        self.lock = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.conn = SocketConnection(loop, asyncio.current_task(), loop.time(), self._woken)
+        self._side: asyncio.Task[None] | None = None  # a ping or the drain close
+
+    async def run(self) -> None:
+        connections = self.state.hub.connections
+        connections.open.add(self.conn)
+        try:
+            await self._receive_loop()
+        except _GONE:
+            return  # a reply found the socket closed
+        except asyncio.CancelledError:
+            # Our ticker's cancel (a stalled socket): end quietly; any other propagates.
+            task = self.conn.task
+            if not self.conn.stalled or task is None:
+                raise
+            task.uncancel()
+        finally:
+            connections.open.discard(self.conn)
+            await self._end_all()
+
+    async def _receive_loop(self) -> None:
+        max_bytes = self.state.settings.max_body_bytes
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            try:
+                parsed = proto.parse(message.get("text"), max_bytes)
+            except proto.MessageError as exc:
+                await self.send(proto.error(exc.code, exc.message, exc.ref))
+                continue
+            try:
+                await self._handle(parsed)
+            except TokenRelayError as exc:
+                await self.send(proto.error(exc.code, exc.message, parsed.ref))
+            except RedisError as exc:
+                logger.warning("websocket: redis unavailable: %s", exc)
+                await self.send(proto.error("redis_unavailable", "storage is unavailable",
+                                            parsed.ref))
+
+    async def _handle(self, msg: proto.ClientMessage) -> None:
+        if isinstance(msg, proto.Subscribe):
+            await self._subscribe(msg.target, msg.after, msg.ref)
+        elif isinstance(msg, proto.Unsubscribe):
+            await self._unsubscribe(msg.target, msg.ref)
+        elif isinstance(msg, proto.Create):
+            await self._create(msg)
+        elif isinstance(msg, proto.Cancel):
+            outcome = await generations.cancel(self.state, self._creator(), msg.generation_id)
+            await self.send(proto.reply("cancel_accepted", msg.ref,
+                                        generation_id=msg.generation_id, outcome=outcome))
+        elif isinstance(msg, proto.Auth):
+            await self._auth(msg)
+        else:
+            await self.send(proto.reply("pong", msg.ref))
+
+    # --- messages ----------------------------------------------------------------------
+
+    def _creator(self) -> str:
+        if self.tenant is None:
+            raise Unauthorized("authenticate first: an auth message with an api_key "
+                               "(stream tokens only read)")
+        return self.tenant
+
+    def _reader(self, some_id: str) -> Principal:
+        """Who reads ``some_id`` (a generation or a thread): a token's grant or the tenant."""
+        if some_id in self.grants:
+            return Principal(None, some_id)
+        if self.tenant is None:
+            raise Unauthorized("authenticate first: an auth message with an api_key or token")
+        return Principal(self.tenant)
+
+    async def _auth(self, msg: proto.Auth) -> None:
+        if msg.token is not None:
+            granted = self.state.tokens.verify(msg.token)
+            if granted is None:
+                raise Unauthorized("invalid or expired stream token")
+            self.grants.add(granted)
+            await self.send(proto.reply("authenticated", msg.ref, scope=granted))
+            return
+        keys = self.state.tenants_by_key
+        tenant = keys.get(msg.api_key or "") if keys else DEFAULT_TENANT
+        if tenant is None:
+            raise Unauthorized("invalid API key")
+        self.tenant = tenant
+        await self.send(proto.reply("authenticated", msg.ref, scope="tenant"))
+
+    async def _subscribe(self, target: proto.Target, after: ev.StreamId | None,
+                         ref: proto.Ref, *, owner_known: bool = False) -> None:
+        thread_id = target.thread_id
+        if thread_id is not None:
+            found = await threads.active_generation(self.state, self._reader(thread_id),
+                                                    thread_id, after)
+            if found is None:  # no answer is being written (HTTP: 204)
+                await self.send(proto.reply("subscribed", ref, thread_id=thread_id,
+                                            generation_id=None))
+                return
+            gen_id, owner_known = found[1], True
+        else:
+            assert target.generation_id is not None
+            gen_id = target.generation_id
+        who = None if owner_known else self._reader(gen_id)
+        old = self.subs.pop(gen_id, None)
+        if old is not None:  # subscribing again (a new `after`): the new one replaces it
+            await self._end(old)
+        if len(self.subs) >= self.state.settings.ws_max_subscriptions:
+            raise _too_many(self.state)
+        hub = self.state.hub
+        channel = await hub.join(gen_id)
+        try:
+            if channel.owner is None or (who is not None
+                                         and not who.may_read(gen_id, channel.owner)):
+                raise NotFound("no such generation")
+            conn = Connection(self.loop, None, self.loop.time(), gen_id)
+            sub = Subscription(gen_id, thread_id, Viewer(hub, gen_id, after, WS, channel), conn)
+            self.subs[gen_id] = sub
+        except BaseException:
+            hub.leave(channel)
+            raise
+        fields: dict[str, Any] = {"generation_id": gen_id}
+        if thread_id is not None:
+            fields["thread_id"] = thread_id
+        await self.send(proto.reply("subscribed", ref, **fields))
+        sub.task = asyncio.create_task(self._pump(sub), name=f"tr-ws-{gen_id}")
+
+    async def _unsubscribe(self, target: proto.Target, ref: proto.Ref) -> None:
+        found = [sub for sub in self.subs.values()
+                 if sub.gen_id == target.generation_id or (
+                     target.thread_id is not None and sub.thread_id == target.thread_id)]
+        if not found:
+            raise NotFound("not subscribed to it", code="not_subscribed")
+        for sub in found:
+            self.subs.pop(sub.gen_id, None)
+            await self._end(sub)
+            await self.send(proto.reply("unsubscribed", ref, generation_id=sub.gen_id))
+
+    async def _create(self, msg: proto.Create) -> None:
+        tenant = self._creator()
+        if msg.subscribe and len(self.subs) >= self.state.settings.ws_max_subscriptions:
+            raise _too_many(self.state)
+        if isinstance(msg.request, GenerationCreate):
+            created = await generations.create(self.state, tenant, msg.request, None)
+            fields = created.model_dump()
+        else:
+            assert msg.thread_id is not None
+            created = await threads.post_message(self.state, tenant, msg.thread_id, msg.request)
+            fields = created.model_dump()
+        fields["generation_id"] = fields.pop("id")
+        await self.send(proto.reply("created", msg.ref, **fields))
+        if msg.subscribe:
+            await self._subscribe(proto.Target(generation_id=created.id), None, msg.ref,
+                                  owner_known=True)
+
+    # --- subscriptions -----------------------------------------------------------------
+
+    async def _pump(self, sub: Subscription) -> None:
+        """Send the subscription's events until its terminal one (then it ends by itself)."""
+        viewer = sub.viewer
+        try:
+            while (batch := await viewer.next(sub.conn)) is not None:
+                if batch:
+                    await self.send_many(batch)
+        except _GONE:
+            return  # the socket is gone: the receive loop ends everything
+        except (RedisError, KeyError, ValueError) as exc:  # the stream could not be read
+            logger.warning("websocket: generation_id=%s failed: %s", sub.gen_id, exc)
+            with contextlib.suppress(*_GONE):
+                await self.send(proto.error("redis_unavailable", "storage is unavailable; "
+                                            "subscribe again with after", None,
+                                            generation_id=sub.gen_id))
+        finally:
+            if self.subs.get(sub.gen_id) is sub:
+                del self.subs[sub.gen_id]
+            await viewer.aclose()
+
+    async def _end(self, sub: Subscription) -> None:
+        task = sub.task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await sub.viewer.aclose()
+
+    async def _end_all(self) -> None:
+        subs, self.subs = list(self.subs.values()), {}
+        for sub in subs:
+            if sub.task is not None:
+                sub.task.cancel()
+        for sub in subs:
+            if sub.task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sub.task
+            await sub.viewer.aclose()
+        if self._side is not None:
+            self._side.cancel()
+
+    # --- sending -----------------------------------------------------------------------
+
+    async def send(self, text: str) -> None:
+        await self.send_many((text,))
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        """Send messages in order, one sender at a time; flagged for the ticker, which
+        drops the socket when a send makes no progress for SEND_TIMEOUT_S."""
+        conn, ws = self.conn, self.ws
+        async with self.lock:
+            for text in texts:
+                conn.send_started = now = self.loop.time()
+                await ws.send({"type": "websocket.send", "text": text})
+                conn.send_started = 0.0
+                conn.last_write = now
+            conn.ping_due = False
+
+    def _woken(self) -> None:
+        """The ticker's news: a ping is due, or the process is leaving."""
+        conn = self.conn
+        if conn.closing or (self._side is not None and not self._side.done()):
+            return
+        if conn.draining:
+            self._side = asyncio.create_task(self._close(1012, "server restarting; reconnect"))
+        elif conn.ping_due:
+            self._side = asyncio.create_task(self._ping())
+
+    async def _ping(self) -> None:
+        with contextlib.suppress(*_GONE):
+            await self.send(proto.PING)
+
+    async def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(*_GONE):
+            async with self.lock:
+                await self.ws.close(code, reason)
+
+
+def _too_many(state: AppState) -> TokenRelayError:
+    limit = state.settings.ws_max_subscriptions
+    return TooManyRequests(f"at most {limit} subscriptions per socket; unsubscribe first",
+                           code="too_many_subscriptions")
