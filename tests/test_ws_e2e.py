@@ -15,6 +15,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from tests import client
 from tests.client import collect, stored_generations, text_of
 from tests.stack import Stack
 from tokenrelay.shared.events import Event
@@ -45,10 +46,20 @@ def ws_url(base: str, query: str = "") -> str:
 
 
 def create(base: str, **body: Any) -> str:
-    response = httpx.post(f"{base}/v1/generations", json=body, headers=ACME, timeout=10)
-    assert response.status_code == 202, response.text
-    gen_id: str = response.json()["id"]
+    gen_id: str = client.create(base, ACME, **body)["id"]
     return gen_id
+
+
+def cancel(base: str, gen_id: str) -> None:
+    httpx.post(f"{base}/v1/generations/{gen_id}/cancel", headers=ACME, timeout=10)
+
+
+def new_thread(base: str) -> dict[str, Any]:
+    response = httpx.post(f"{base}/v1/threads", json={"model": "fake:echo"}, headers=ACME,
+                          timeout=10)
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
 
 
 async def send(ws: ClientConnection, **message: Any) -> None:
@@ -155,8 +166,7 @@ async def test_cancel_over_the_socket_ends_the_generation_cancelled(stack: Stack
                 seen.append(await receive(ws))  # the reply came after the event
             assert {"type": "cancel_accepted", "generation_id": gen_id, "outcome": "requested",
                     "ref": "x"} in seen
-            status = httpx.get(f"{stack.url}/v1/generations/{gen_id}", headers=ACME).json()
-            assert status["status"] == "cancelled"
+            assert client.status(stack.url, gen_id, ACME)["status"] == "cancelled"
     p50 = statistics.median(latencies) * 1000
     print(f"\ncancel over WebSocket -> cancelled event: p50 {p50:.1f} ms, "
           f"max {max(latencies) * 1000:.1f} ms (n={len(latencies)})")
@@ -247,7 +257,7 @@ async def test_subscriptions_are_capped_per_socket_and_a_capped_create_creates_n
             assert ws_messages and {m["generation_id"] for m in ws_messages} <= set(gen_ids)
     finally:
         for gen_id in gen_ids:
-            httpx.post(f"{stack.url}/v1/generations/{gen_id}/cancel", headers=ACME)
+            cancel(stack.url, gen_id)
 
 
 async def test_credentials_origin_and_tokens(stack: Stack) -> None:
@@ -269,8 +279,7 @@ async def test_credentials_origin_and_tokens(stack: Stack) -> None:
 
     mine = create(base, model="fake:lorem", prompt="x", max_tokens=3)
     other = create(base, model="fake:lorem", prompt="y", max_tokens=3)
-    token = httpx.post(f"{base}/v1/generations", headers=ACME, timeout=10,
-                       json={"model": "fake:lorem", "prompt": "z", "max_tokens": 3}).json()
+    token = client.create(base, ACME, model="fake:lorem", prompt="z", max_tokens=3)
     async with connect(ws_url(base)) as ws:  # no credentials yet
         answer = await reply(ws, type="subscribe", generation_id=mine)
         assert answer["code"] == "unauthorized"
@@ -297,8 +306,7 @@ async def test_credentials_origin_and_tokens(stack: Stack) -> None:
 
 async def test_thread_messages_over_the_socket(stack: Stack) -> None:
     """A thread message created over the socket is followed there; another socket subscribed by thread_id gets the same answer's events; an idle thread answers with no generation."""
-    thread = httpx.post(f"{stack.url}/v1/threads", json={"model": "fake:echo"}, headers=ACME,
-                        timeout=10).json()
+    thread = new_thread(stack.url)
     async with connect(ws_url(stack.urls[0]), additional_headers=ACME) as ws, \
             connect(ws_url(stack.urls[1]), additional_headers=ACME) as watcher:
         created = await reply(ws, type="create", thread_id=thread["id"],
