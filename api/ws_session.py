@@ -178,6 +178,11 @@ class Session:
                 logger.warning("websocket: redis unavailable: %s", exc)
                 await self.send(proto.error("redis_unavailable", "storage is unavailable",
                                             parsed.ref))
+            except _GONE:
+                raise
+            except Exception:  # a bug: said as an error message; the socket stays open
+                logger.exception("websocket: %s failed", type(parsed).__name__)
+                await self.send(proto.error("internal_error", "internal error", parsed.ref))
 
     async def _handle(self, msg: proto.ClientMessage) -> None:
         if isinstance(msg, proto.Subscribe):

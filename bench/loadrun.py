@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from array import array
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +133,10 @@ def reset_commandstats(redis_url: str) -> None:
         client.close()
 
 
+# (n, host, port, generation id, latencies) -> the n viewers and their connections.
+Opener = Callable[[int, str, int, str, "array[float]"], Awaitable[list[tuple[Viewer, Any]]]]
+
+
 @dataclass
 class FanoutResult:
     server: str
@@ -175,11 +180,13 @@ async def fanout(
     tokens: int,
     stall: int = 0,
     count_commands: bool = False,
+    opener: Opener | None = None,
 ) -> FanoutResult:
     """One held generation of ``tokens`` deltas watched by ``n`` viewers on ``server``.
 
     ``stall`` more connections open the stream with a tiny receive buffer and never
-    read: their socket fills up and the server must not wait for them.
+    read: their socket fills up and the server must not wait for them. ``opener``: how
+    the ``n`` viewers connect (default: SSE; bench/ws.py passes its WebSocket viewers).
     """
     gen_id = create_generation(stack.url, tokens)
     host, port = host_port(server.url)
@@ -188,7 +195,11 @@ async def fanout(
     if count_commands:
         reset_commandstats(stack.redis_url)
     t0 = time.monotonic()
-    pairs = await open_many(n, host, port, lambda i: request, latencies)
+    if opener is None:
+        pairs: list[tuple[Viewer, Any]] = await open_many(n, host, port, lambda i: request,
+                                                          latencies)
+    else:
+        pairs = await opener(n, host, port, gen_id, latencies)
     stalled = await open_many(stall, host, port, lambda i: request, array("d"), rcvbuf=4096)
     viewers = [v for v, _ in pairs]
     everyone = viewers + [v for v, _ in stalled]
