@@ -120,9 +120,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_compat.router)
     app.include_router(usage.router)
     app.include_router(metrics.router)
-    app.include_router(ws.router)
     app.state.metrics = Metrics()
     app.add_middleware(EventsFastPath)  # innermost: SSE viewers skip the router's layers
+    app.add_middleware(ws.WebSocketDoor)  # /v1/ws below the router too
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, errors=errors)
     app.add_middleware(RequestContext, metrics=app.state.metrics)
     return app

@@ -275,3 +275,16 @@ def error(code: str, message: str, ref: Ref = None, **fields: Any) -> str:
 
 
 PING = '{"type":"ping"}'
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A final, unmasked text frame (RFC 6455 §5.2) of ``payload`` (UTF-8): what a server
+    writes for one message when no extension (compression) is in use."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x81, size))
+    elif size < 1 << 16:
+        head = bytes((0x81, 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 127)) + size.to_bytes(8, "big")
+    return head + payload

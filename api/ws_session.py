@@ -1,13 +1,13 @@
 """One ``/v1/ws`` socket: its subscriptions, fed by the hub, and the client's messages.
 
     receive loop (the socket's task) ─ parse ─▶ subscribe / create / cancel / auth ─▶ reply
-    subscription task (one each) ─ Viewer.next ─▶ event messages ─┐
+    subscription task (one each) ─ Viewer.next ─▶ a batch of event frames ─┐
     ticker (api.sse.Connections) ─ idle ─▶ ping; send > timeout ─▶ cancel the socket
-                                                                   ▼
-                                               send lock ─▶ websocket.send (one at a time)
+                                                                            ▼
+                          send lock ─▶ one write per batch (or websocket.send per message)
 
 A subscription is a :class:`~tokenrelay.api.channel.Viewer` of its generation's
-channel with the WebSocket view (:data:`WS`): each event's message text is made
+channel with a WebSocket view (api.ws_views): each event's message is made and framed
 once per process, shared by every socket at the same place, so a WebSocket viewer
 costs Redis and the hub what an SSE viewer costs. A subscription task holds at most
 one batch (``CHUNK_FRAMES`` events, ``CHUNK_BYTES``), and a send waits while the
@@ -27,14 +27,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
+from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tokenrelay.api import generations, threads
 from tokenrelay.api import ws_protocol as proto
-from tokenrelay.api.channel import CHUNK_BYTES, CHUNK_FRAMES, Channel, Membership, Viewer
+from tokenrelay.api.channel import View, Viewer
 from tokenrelay.api.deps import DEFAULT_TENANT, AppState, Principal
 from tokenrelay.api.schemas import GenerationCreate
 from tokenrelay.api.sse import Connection
+from tokenrelay.api.ws_transport import FRAMES
+from tokenrelay.api.ws_views import WS, WS_FRAMES
 from tokenrelay.shared import events as ev
 from tokenrelay.shared.errors import NotFound, TokenRelayError, TooManyRequests, Unauthorized
 
@@ -45,67 +48,11 @@ logger = logging.getLogger(__name__)
 _GONE = (OSError, RuntimeError, WebSocketDisconnect)
 
 
-class _Texts:
-    """The WebSocket messages of a channel's events (from its ``base``), filled as asked."""
-
-    __slots__ = ("items", "chunk")
-
-    def __init__(self) -> None:
-        self.items: list[str] = []
-        # (pos, stop asked, stop given, messages): the batch the viewers at pos share
-        self.chunk: tuple[int, int, int, Sequence[str]] = (-1, -1, -1, ())
-
-    def trim(self, events: list[ev.Event], drop: int) -> None:
-        del self.items[:drop]
-
-
-class WebSocketView:
-    """The channel's events as ``event`` messages (text), each made once per process."""
-
-    empty: Sequence[str] = ()
-
-    def take(self, channel: Channel, pos: int) -> tuple[Sequence[str], int, bool]:
-        texts = channel.frames.get(self)
-        if not isinstance(texts, _Texts):
-            texts = _Texts()
-            channel.frames[self] = texts
-        base, items = channel.base, texts.items
-        stop = min(channel.end, pos + CHUNK_FRAMES)
-        if len(items) < stop - base:
-            gen_id = channel.gen_id
-            items.extend(proto.event_message(gen_id, event)
-                         for event in channel.events[len(items) : stop - base])
-        cached_pos, cached_stop, given, batch = texts.chunk
-        if cached_pos != pos or cached_stop != stop:
-            start = pos - base
-            size, count = len(items[start]), 1
-            while count < stop - pos and size + len(items[start + count]) <= CHUNK_BYTES:
-                size += len(items[start + count])
-                count += 1
-            given, batch = pos + count, tuple(items[start : start + count])
-            texts.chunk = (pos, stop, given, batch)
-        terminal_at = channel.terminal_at
-        return batch, given, terminal_at is not None and terminal_at < given
-
-    async def prepare(self, channel: Channel, hub: Membership) -> None:
-        return None
-
-    async def catch_up(self, hub: Membership, gen_id: str, last: ev.StreamId | None
-                       ) -> Callable[[list[ev.Event]], Sequence[str]]:
-        def texts(events: list[ev.Event]) -> Sequence[str]:
-            return [proto.event_message(gen_id, event) for event in events]
-
-        return texts
-
-
-WS = WebSocketView()
-
-
 @dataclass(eq=False)
 class Subscription:
     gen_id: str
     thread_id: str | None
-    viewer: Viewer[Sequence[str]]
+    viewer: Viewer[Any]  # of WS (texts) or WS_FRAMES (bytes)
     conn: Connection  # what the viewer parks on
     task: asyncio.Task[None] | None = None
 
@@ -130,9 +77,11 @@ class Session:
     """One accepted socket, from its first message to its close."""
 
     def __init__(self, state: AppState, websocket: WebSocket, tenant: str | None,
-                 grants: set[str]):
+                 grants: set[str], send_frames: Send | None = None):
         self.state = state
         self.ws = websocket
+        # The server's pre-framed writes (api.ws_transport), when it offers them.
+        self.send_frames = send_frames
         self.tenant = tenant  # who creates and cancels (None: not authenticated yet)
         self.grants = grants  # generation and thread ids stream tokens gave this socket
         self.subs: dict[str, Subscription] = {}
@@ -258,7 +207,9 @@ class Session:
                                          and not who.may_read(gen_id, channel.owner)):
                 raise NotFound("no such generation")
             conn = Connection(self.loop, None, self.loop.time(), gen_id)
-            sub = Subscription(gen_id, thread_id, Viewer(hub, gen_id, after, WS, channel), conn)
+            view: View[Any] = WS if self.send_frames is None else WS_FRAMES
+            sub = Subscription(gen_id, thread_id, Viewer(hub, gen_id, after, view, channel),
+                               conn)
             self.subs[gen_id] = sub
         except BaseException:
             hub.leave(channel)
@@ -304,7 +255,11 @@ class Session:
         viewer = sub.viewer
         try:
             while (batch := await viewer.next(sub.conn)) is not None:
-                if batch:
+                if not batch:
+                    continue
+                if isinstance(batch, bytes):
+                    await self.write_frames(batch)
+                else:
                     await self.send_many(batch)
         except _GONE:
             return  # the socket is gone: the receive loop ends everything
@@ -355,6 +310,17 @@ class Session:
                 await ws.send({"type": "websocket.send", "text": text})
                 conn.send_started = 0.0
                 conn.last_write = now
+            conn.ping_due = False
+
+    async def write_frames(self, frames: bytes) -> None:
+        """Write pre-framed messages in one write (api.ws_transport), timed as send_many."""
+        conn, send = self.conn, self.send_frames
+        assert send is not None
+        async with self.lock:
+            conn.send_started = now = self.loop.time()
+            await send({"type": FRAMES, "frames": frames})
+            conn.send_started = 0.0
+            conn.last_write = now
             conn.ping_due = False
 
     def _woken(self) -> None:

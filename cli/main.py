@@ -48,15 +48,16 @@ def cmd_api(args: argparse.Namespace) -> int:
         return 1
     _logging(settings)
     from tokenrelay.api.protocol import KEEP_ALIVE_S, GuardedHttpToolsProtocol
+    from tokenrelay.api.ws_transport import FramesWebSocketProtocol
 
     uvicorn.run(
         "tokenrelay.api.app:create_app",
         factory=True,
         http=GuardedHttpToolsProtocol,  # bounds on request heads and slow requests
-        # /v1/ws: the websockets library's sans-I/O protocol (write backpressure from uvicorn
-        # 0.52.1), without per-message compression: deflating is work per socket and per
-        # message, where the hub makes each message once per process.
-        ws="websockets-sansio",
+        # /v1/ws: uvicorn's websockets-sansio protocol (write backpressure from 0.52.1) with
+        # pre-framed writes, and no per-message compression: deflating is work per socket
+        # and per message, where the hub frames each message once per process.
+        ws=FramesWebSocketProtocol,
         ws_per_message_deflate=False,
         timeout_keep_alive=KEEP_ALIVE_S,
         host=args.host,

@@ -12,18 +12,39 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, WebSocket
-from fastapi.responses import JSONResponse
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from tokenrelay.api.deps import AppState, bearer_tenant
 from tokenrelay.api.errors import Failure, native_shape
 from tokenrelay.api.ws_session import Session
+from tokenrelay.api.ws_transport import FRAMES
 
-router = APIRouter(tags=["websocket"])
+PATH = "/v1/ws"
 
 
-@router.websocket("/v1/ws")
-async def websocket_endpoint(websocket: WebSocket) -> None:
+class WebSocketDoor:
+    """ASGI middleware that serves the ``/v1/ws`` WebSocket below the router.
+
+    As for SSE viewers (api.fastpath): a socket lives for minutes and every layer above
+    it stays suspended as long. From here the session also keeps the server's own
+    ``send``, for the pre-framed writes of api.ws_transport (the router wraps it).
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket" or scope["path"] != PATH:
+            await self.app(scope, receive, send)
+            return
+        await serve(WebSocket(scope, receive, send),
+                    send if FRAMES in scope.get("extensions", {}) else None)
+
+
+async def serve(websocket: WebSocket, send_frames: Send | None) -> None:
+    """Check the handshake; accept, and run the socket's session to its end."""
     state: AppState = websocket.app.state.tr
     refusal = _refusal(state, websocket)
     if refusal is not None:
@@ -40,7 +61,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         assert granted is not None  # checked by _refusal
         grants.add(granted)
     await websocket.accept()
-    await Session(state, websocket, tenant, grants).run()
+    await Session(state, websocket, tenant, grants, send_frames).run()
 
 
 def _refusal(state: AppState, websocket: WebSocket) -> Failure | None:

@@ -7,6 +7,8 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
 
 from tokenrelay.api import ws_protocol as proto
 from tokenrelay.api.schemas import GenerationCreate
@@ -110,3 +112,18 @@ def test_replies_echo_the_ref_only_when_given() -> None:
     assert json.loads(proto.reply("pong")) == {"type": "pong"}
     assert json.loads(proto.reply("subscribed", 0, generation_id=GEN)) == \
         {"type": "subscribed", "generation_id": GEN, "ref": 0}
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 200_000])
+def test_text_frame_parses_as_one_final_unmasked_text_frame(size: int) -> None:
+    """The websockets library reads a pre-made frame back as the message it carries, at
+    each length encoding (7, 16 and 64 bits)."""
+    payload = ("é" * size).encode()[:size]
+    reader = StreamReader()
+    reader.feed_data(proto.text_frame(payload))
+    reader.feed_eof()
+    parser = Frame.parse(reader.read_exact, mask=False)
+    with pytest.raises(StopIteration) as parsed:
+        next(parser)
+    frame = parsed.value.value
+    assert (frame.opcode, frame.fin, frame.data) == (Opcode.TEXT, True, payload)

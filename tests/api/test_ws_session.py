@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.api.server import Api, append, create, until
+from tests.api.server import Api, append, create, serve, until
 from tokenrelay.api.channel import Channel
 from tokenrelay.api.ws_session import WS
+from tokenrelay.api.ws_transport import FramesWebSocketProtocol
+from tokenrelay.cli.redis_server import RedisServer
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys
 
@@ -63,9 +67,21 @@ async def test_idle_socket_gets_ping_messages(api: Api) -> None:
             assert json.loads(await asyncio.wait_for(ws.recv(), 5)) == {"type": "ping"}
 
 
-async def test_stalled_socket_is_cut_and_the_others_get_everything(api: Api) -> None:
+@pytest.fixture(params=["websocket.send", "frames"])
+async def both(request: pytest.FixtureRequest, redis_server: RedisServer
+               ) -> AsyncIterator[Api]:
+    """The API under uvicorn's own websockets-sansio protocol (one websocket.send per
+    message, compressed when the client asks), and under ``tokenrelay api``'s (pre-framed
+    writes, no compression)."""
+    ws = "websockets-sansio" if request.param == "websocket.send" else FramesWebSocketProtocol
+    async with serve(redis_server, ws=ws, heartbeat_s=0.2, send_timeout_s=0.5) as running:
+        yield running
+
+
+async def test_stalled_socket_is_cut_and_the_others_get_everything(both: Api) -> None:
     """A socket that stops reading is dropped after the send timeout; the other sockets on the
     same generation miss nothing, and every registration goes."""
+    api = both
     gen_id = await create(api)
     healthy = [await connect(url(api)) for _ in range(3)]
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -94,9 +110,10 @@ async def test_stalled_socket_is_cut_and_the_others_get_everything(api: Api) -> 
     await until(lambda: len(api.hub.connections) == 0, "every socket to go")
 
 
-async def test_disconnect_and_unsubscribe_release_the_hub(api: Api) -> None:
+async def test_disconnect_and_unsubscribe_release_the_hub(both: Api) -> None:
     """Subscriptions leave the hub on unsubscribe, at their terminal event, and when the
     socket goes; the socket leaves the ticker."""
+    api = both
     gen_ids = [await create(api) for _ in range(3)]
     ws = await connect(url(api))
     for gen_id in gen_ids:

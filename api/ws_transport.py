@@ -1,0 +1,45 @@
+"""The WebSocket protocol a bare ``tokenrelay api`` serves with: uvicorn's websockets-sansio
+protocol plus one ASGI extension, pre-framed writes.
+
+Through plain ASGI every message is one ``websocket.send``: the websockets library
+frames it, per socket, and it is one ``transport.write``. A thousand sockets watching
+one generation then cost a thousand framings and a thousand writes per event, where an
+SSE viewer costs one write per batch of events. Without compression a server's frame
+(RFC 6455 §5.2: unmasked) is the same bytes for every socket, so the hub frames each
+event once per process (``ws_protocol.text_frame``) and a socket writes a whole batch
+of frames in one ``transport.write``, with the same backpressure as ``send`` (it waits
+while the transport is over its high-water mark).
+
+The extension is offered in the scope (``extensions["tokenrelay.websocket.frames"]``)
+only when the connection negotiated no WebSocket extension (``permessage-deflate``
+would rewrite every frame per socket); an app that does not find it sends plain
+``websocket.send`` messages, as under any other server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
+from websockets.protocol import State
+
+FRAMES = "tokenrelay.websocket.frames"  # the extension's name, and its message type
+
+
+class FramesWebSocketProtocol(WebSocketsSansIOProtocol):
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        # The app's task is created but has not run yet: the scope can still be told.
+        if self.response.status_code == 101 and not self.conn.extensions:
+            self.scope["extensions"][FRAMES] = {}
+
+    async def send(self, message: Any) -> None:
+        if message["type"] != FRAMES:
+            await super().send(message)
+            return
+        await self.writable.wait()
+        if self.disconnected or self.close_sent or self.conn.state is not State.OPEN:
+            raise ClientDisconnected()
+        self.transport.write(message["frames"])
