@@ -36,6 +36,11 @@ def stack() -> Iterator[Stack]:
         "TOKENRELAY_WS_MAX_SUBSCRIPTIONS": str(MAX_SUBS),
         "TOKENRELAY_WS_ALLOWED_ORIGINS": "https://app.example.com",
         "TOKENRELAY_MAX_BODY_BYTES": "20000",
+        "TOKENRELAY_HEARTBEAT_S": "0.5",
+        # The HTTP clocks of `tokenrelay api` (api/protocol.py) must not reach an upgraded
+        # connection: a socket outlives them in the first test.
+        "TOKENRELAY_REQUEST_HEAD_TIMEOUT_S": "1",
+        "TOKENRELAY_REQUEST_BODY_TIMEOUT_S": "1",
     })
     yield s
     s.stop()
@@ -113,6 +118,8 @@ async def test_one_socket_three_generations_each_exactly_the_sse_events(stack: S
         got = await events_until_end(ws, set(gen_ids), replies)
         assert replies == [{"type": "subscribed", "generation_id": gen_id, "ref": gen_id}
                            for gen_id in gen_ids]
+        for _ in range(3):  # idle: a ping every HEARTBEAT_S, past the HTTP clocks (1 s)
+            assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)) == {"type": "ping"}
         assert (await reply(ws, type="ping", ref=7)) == {"type": "pong", "ref": 7}
     for i, gen_id in enumerate(gen_ids):
         sse = collect(stack.urls[1], gen_id, headers=ACME)

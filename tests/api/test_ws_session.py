@@ -1,5 +1,5 @@
-"""A /v1/ws socket (api.ws_session) in a real server: messages made once per process, pings,
-a stalled socket cut by the send timeout, disconnects and draining that release everything."""
+"""A /v1/ws socket (api.ws_session) in a real server: pings, a stalled socket cut by the send
+timeout, disconnects and draining that release everything."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.api.server import Api, append, create, serve, until
-from tokenrelay.api.channel import Channel
-from tokenrelay.api.ws_session import WS
 from tokenrelay.api.ws_transport import FramesWebSocketProtocol
 from tokenrelay.cli.redis_server import RedisServer
 from tokenrelay.shared import events as ev
@@ -41,20 +39,6 @@ async def events(ws: ClientConnection, until_type: str = ev.DONE) -> list[dict[s
         if message["type"] == "event":
             out.append(message)
     return out
-
-
-async def test_messages_are_made_once_per_process_and_shared() -> None:
-    """Viewers at the same place get the very same message strings, made once per event."""
-    channel = Channel("gen_x", 100)
-    channel.append([(f"1-{i}".encode(), {b"t": b"delta", b"d": f'{{"content":"{i}"}}'.encode()})
-                    for i in range(5)])
-    first, stop, terminal = WS.take(channel, 0)
-    second, _, _ = WS.take(channel, 0)
-    assert stop == 5 and not terminal and len(first) == 5
-    assert all(a is b for a, b in zip(first, second, strict=True))
-    later, _, _ = WS.take(channel, 2)
-    assert later[0] is first[2]
-    assert json.loads(first[4])["data"] == {"content": "4"}
 
 
 async def test_idle_socket_gets_ping_messages(api: Api) -> None:
