@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from tokenrelay.api.channel import SSE, Channel, Viewer
+from tokenrelay.api.channel import SSE, Channel, View, Viewer
 from tokenrelay.api.deps import AppState, Principal
 from tokenrelay.api.schemas import ErrorInfo, GenerationCreate, GenerationCreated, GenerationStatus
 from tokenrelay.api.sse import EventStreamResponse
@@ -243,7 +244,8 @@ def parse_after(last_event_id: str | None, after: str | None) -> ev.StreamId | N
 
 
 async def open_event_stream(
-    state: AppState, who: Principal, gen_id: str, after: ev.StreamId | None
+    state: AppState, who: Principal, gen_id: str, after: ev.StreamId | None,
+    wire: Wire | None = None,
 ) -> EventStreamResponse:
     """The event stream of ``gen_id`` for ``who``: 404 unless readable, 503 at the viewer limit.
 
@@ -260,23 +262,35 @@ async def open_event_stream(
     except BaseException:
         state.hub.leave(channel)
         raise
-    return event_stream(state, gen_id, after, channel=channel)
+    return event_stream(state, gen_id, after, channel=channel, wire=wire)
+
+
+@dataclass(frozen=True)
+class Wire:
+    """How an event stream speaks: its view of the events (an encoding or a fold), what
+    precedes them, and headers of its own (another client protocol than native SSE)."""
+
+    view: View[bytes] = SSE
+    preamble: bytes = ev.RETRY_FRAME
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def event_stream(
     state: AppState, gen_id: str, after: ev.StreamId | None, status_code: int = 200,
-    channel: Channel | None = None,
+    channel: Channel | None = None, wire: Wire | None = None,
 ) -> EventStreamResponse:
     """The SSE response of one viewer: ``retry:``, replay after ``after``, live, the end.
 
     ``channel``: the viewer's hub registration, when the caller has joined already.
+    ``wire``: another protocol than the native events (default: native SSE).
     """
+    wire = wire or Wire()
     return EventStreamResponse(
-        Viewer(state.hub, gen_id, after, SSE, channel),
+        Viewer(state.hub, gen_id, after, wire.view, channel),
         state.hub.connections,
-        preamble=ev.RETRY_FRAME,
+        preamble=wire.preamble,
         status_code=status_code,
-        headers={"X-Generation-Id": gen_id},
+        headers={"X-Generation-Id": gen_id, **wire.headers},
         label=gen_id,
     )
 

@@ -126,13 +126,16 @@ def _check_model(state: AppState, model: str) -> None:
         raise BadRequest(problem, code="unknown_model")
 
 
-async def create(state: AppState, tenant: str, body: ThreadCreate) -> ThreadCreated:
+async def create(state: AppState, tenant: str, body: ThreadCreate,
+                 thread_id: str | None = None) -> ThreadCreated:
+    """A new thread; ``thread_id`` names it (Conflict if it exists: it is left as it is)."""
     model = body.model or state.settings.default_model
     _check_model(state, model)
     _check_content(state, "system", body.system or "")
     thread = await store.create(state.redis, tenant, system=body.system or "", model=model,
                                 metadata=body.metadata,
-                                retention_s=state.settings.thread_retention_s)
+                                retention_s=state.settings.thread_retention_s,
+                                thread_id=thread_id)
     logger.info("created thread_id=%s tenant=%s", thread.id, tenant)
     return ThreadCreated(id=thread.id, created_at=thread.created_at, model=thread.model,
                          metadata=thread.metadata, stream_token=state.tokens.issue(thread.id))
