@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.client import stored_generations
+from tests.fake_upstream import fake_upstream
 from tests.stack import Process, Stack
 
 pytestmark = pytest.mark.slow  # starts real processes
@@ -30,6 +31,9 @@ def node() -> str:
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("node and npm are not installed (.ci/run installs them with apt-get)")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout
+    if int(version.lstrip("v").split(".")[0]) < 20:
+        pytest.skip(f"node {version.strip()} is too old: the eventsource package needs 20+")
     lock = hashlib.sha256((JS / "package-lock.json").read_bytes()).hexdigest()
     stamp = JS / "node_modules" / ".tokenrelay-lock"
     if not stamp.exists() or stamp.read_text() != lock:
@@ -42,11 +46,17 @@ def node() -> str:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    s = Stack(apis=2, workers=2, env={"TOKENRELAY_API_KEYS": f"acme:{KEY}"})
-    try:
-        yield s
-    finally:
-        s.stop()
+    """Two APIs, two workers; bare model names go to the fake upstream (reasoning, tools)."""
+    with fake_upstream() as (base_url, _):
+        s = Stack(apis=2, workers=2, env={
+            "TOKENRELAY_API_KEYS": f"acme:{KEY}",
+            "TOKENRELAY_OPENAI_BASE_URL": base_url,
+            "TOKENRELAY_OPENAI_API_KEY": "test-key",
+        })
+        try:
+            yield s
+        finally:
+            s.stop()
 
 
 def run_node(node: str, stack: Stack, test_file: str, **env: str) -> None:
@@ -58,8 +68,9 @@ def run_node(node: str, stack: Stack, test_file: str, **env: str) -> None:
 
 
 def test_ai_sdk_transport(node: str, stack: Stack) -> None:
-    """DefaultChatTransport: sendMessages streams the thread's answer; reconnectToStream on
-    the other process replays it whole, each part once, to finish; then 204."""
+    """DefaultChatTransport: sendMessages streams the thread's answer (reasoning and tool
+    input parts too); reconnectToStream on the other process replays it whole, each part
+    once, to finish; then 204."""
     run_node(node, stack, "ai_sdk.test.mjs")
 
 

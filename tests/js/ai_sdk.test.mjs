@@ -104,3 +104,17 @@ test('a stream aborted after k chunks is resumed whole, once, on the other proce
   assert.equal(await transport(A).reconnectToStream({ chatId }), null, 'ended: 204');
   assert.equal(await transport(B).reconnectToStream({ chatId: randomUUID() }), null, 'unknown: 204');
 });
+
+test('reasoning and parallel tool calls arrive as reasoning and tool parts the SDK accepts', async () => {
+  // "tools-interleaved": the fake upstream's reasoning, then two calls' fragments interleaved.
+  const { chunks } = await chunksOf(await send(transport(A, { model: 'tools-interleaved' }),
+    randomUUID(), [userMessage('what is the weather?')]));
+  assert.equal(chunks.at(-1).finishReason, 'tool-calls');
+  const message = await messageOf(chunks);
+  assert.deepEqual(message.parts.map((p) => p.type), ['reasoning', 'dynamic-tool', 'dynamic-tool']);
+  assert.equal(message.parts[0].text, 'Let me think about this.');
+  assert.deepEqual(message.parts.slice(1).map((p) => [p.toolCallId, p.toolName, p.state, p.input]), [
+    ['call_a1', 'get_weather', 'input-available', { city: 'Paris', unit: 'c' }],
+    ['call_b2', 'get_time', 'input-available', { tz: 'Europe/Paris' }],
+  ]);
+});
