@@ -13,10 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from tests.client import stored_generations
 from tests.fake_upstream import fake_upstream
 from tests.stack import Process, Stack
+from tokenrelay.api.ai_sdk import chat_thread_id
+from tokenrelay.shared import keys
 
 pytestmark = pytest.mark.slow  # starts real processes
 
@@ -87,17 +90,44 @@ def test_ai_sdk_transport(node: str, stack: Stack) -> None:
     b' "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi"}]}]}',
     b'{"id": "c", "max_tokens": 0,'
     b' "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi"}]}]}',
+    # Refused once the chat's thread is made: the thread is removed again.
+    b'{"id": "c", "max_tokens": 1000000000,'
+    b' "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi"}]}]}',
 ])
 def test_bad_chat_requests_get_a_4xx_and_create_nothing(stack: Stack, body: bytes) -> None:
     """Each malformed or refused chat request is a 4xx error body; no thread, no generation."""
-    before = stored_generations(stack.redis_url)
+    def threads() -> set[str]:
+        listing = httpx.get(f"{stack.url}/v1/threads?limit=100", headers=AUTH, timeout=10)
+        return {t["id"] for t in listing.json()["data"]}
+
+    before = stored_generations(stack.redis_url), threads()
     response = httpx.post(f"{stack.url}/v1/ai-sdk/chat", content=body, timeout=10,
                           headers={**AUTH, "content-type": "application/json"})
     assert 400 <= response.status_code < 500, response.text
     assert set(response.json()["error"]) == {"code", "message"}
-    assert stored_generations(stack.redis_url) == before
-    threads = httpx.get(f"{stack.url}/v1/threads", headers=AUTH, timeout=10).json()["data"]
-    assert not [t for t in threads if t["title"] in ("hi", "x")]
+    assert (stored_generations(stack.redis_url), threads()) == before
+    with redis.Redis.from_url(stack.redis_url) as client:  # the chat's thread, made or not
+        assert client.exists(keys.thread_meta(chat_thread_id("acme", "c"))) == 0
+
+
+def test_a_message_while_the_answer_is_written_is_a_409_that_creates_nothing(
+        stack: Stack) -> None:
+    """A second message to a chat whose answer runs is thread_busy, before any stream."""
+    def body(text: str) -> dict[str, object]:
+        return {"id": "busy-chat", "model": "fake:lorem", "max_tokens": 40,
+                "messages": [{"role": "user", "parts": [{"type": "text", "text": text}]}]}
+
+    url = f"{stack.url}/v1/ai-sdk/chat"
+    with httpx.stream("POST", url, json=body("first"), headers=AUTH, timeout=10) as first:
+        assert first.status_code == 200
+        thread_id = first.headers["x-thread-id"]
+        before = stored_generations(stack.redis_url)
+        second = httpx.post(url, json=body("second"), headers=AUTH, timeout=10)
+        assert second.status_code == 409, second.text
+        assert second.json()["error"]["code"] == "thread_busy"
+        assert stored_generations(stack.redis_url) == before
+    thread = httpx.get(f"{stack.url}/v1/threads/{thread_id}", headers=AUTH, timeout=10).json()
+    assert [m["content"] for m in thread["messages"] if m["role"] == "user"] == ["first"]
 
 
 def test_resume_of_unknown_or_foreign_chats(stack: Stack) -> None:
