@@ -29,6 +29,7 @@ from tokenrelay.shared.redis import awaited, text
 logger = logging.getLogger(__name__)
 
 CHAT_ID_MAX = 200
+RESTART_PAGE = 500  # events per read when looking back for a restart
 
 
 class UIPart(BaseModel):
@@ -151,12 +152,16 @@ async def resume(
     if after is None:
         if not gen_id:
             return None
-        status = await awaited(state.redis.hget(keys.meta(gen_id), "status"))
+        status, attempt = await awaited(
+            state.redis.hmget(keys.meta(gen_id), ["status", "attempt"]))
         if status is None or text(status) in ev.TERMINAL_STATUSES:
             return None
+        # A restarted answer is replayed from its restart: the parts of the lost attempt
+        # cannot be taken back, and the fold's parts after a restart stand on their own.
+        start = await _last_restart(state, gen_id) if int(text(attempt or b"0")) > 1 else None
         reply = await _reply_id(state, thread_id, gen_id)
         return await generations.open_event_stream(
-            state, Principal(tenant), gen_id, None, _wire(thread_id, reply))
+            state, Principal(tenant), gen_id, start, _wire(thread_id, reply))
     if not gen_id:
         latest = await awaited(state.redis.lindex(keys.thread_turns(thread_id), -1))
         if latest is None:
@@ -167,6 +172,19 @@ async def resume(
         return None
     return await generations.open_event_stream(
         state, Principal(tenant), gen_id, after, _wire(thread_id, None))
+
+
+async def _last_restart(state: AppState, gen_id: str) -> ev.StreamId | None:
+    """The id of the stream's last ``restarted`` event, read back from its end (only
+    generations whose worker was lost pay for it)."""
+    end = "+"
+    while page := await state.redis.xrevrange(keys.events(gen_id), end, "-", count=RESTART_PAGE):
+        for entry_id, fields in page:
+            event = ev.decode_entry(entry_id, fields)
+            if event.type == ev.STATUS and event.data.get("status") == ev.RESTARTED:
+                return ev.parse_id(event.id)
+        end = f"({text(page[-1][0])}"
+    return None
 
 
 async def _reply_id(state: AppState, thread_id: str, gen_id: str) -> str:

@@ -9,8 +9,9 @@
     done                     the open parts' ends (tool-input-available), finish, [DONE]
     cancelled                the open parts' ends, abort, [DONE]
     error                    the open parts' ends, error, [DONE]
-    status restarted         nothing before any output; after output an error part (the
-                             answer is written again, and text sent cannot be taken back)
+    status restarted         nothing before any output; after output the open parts' ends
+                             and an error part (text sent cannot be taken back; a resume
+                             replays the answer from the restart, see api.ai_sdk)
 
 A chunk's frame depends on which parts are open, so this is a :class:`Fold`: its frames
 are computed once per event per process, from one state per channel folded from the
@@ -31,8 +32,8 @@ DONE_FRAME = b"data: [DONE]\n\n"
 # The finish reasons of the UI stream common to every version of the ai package.
 FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool-calls",
                   "content_filter": "content-filter"}
-RESTARTED_TEXT = ("the worker writing this answer was lost; the answer is being written "
-                  "again from the start")
+RESTARTED_TEXT = ("the worker writing this answer was lost and it is being written again: "
+                  "resume the stream to read it from its new start")
 
 Chunk = dict[str, Any]
 

@@ -5,11 +5,14 @@ plus the AI SDK routes' bad input."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,8 +20,10 @@ import redis
 
 from tests.client import stored_generations
 from tests.fake_upstream import fake_upstream
-from tests.stack import Process, Stack
+from tests.stack import Process, Stack, wait_for
+from tests.test_failures_e2e import _running_worker_pid
 from tokenrelay.api.ai_sdk import chat_thread_id
+from tokenrelay.api.ui_stream import RESTARTED_TEXT
 from tokenrelay.shared import keys
 
 pytestmark = pytest.mark.slow  # starts real processes
@@ -55,6 +60,7 @@ def stack() -> Iterator[Stack]:
             "TOKENRELAY_API_KEYS": f"acme:{KEY}",
             "TOKENRELAY_OPENAI_BASE_URL": base_url,
             "TOKENRELAY_OPENAI_API_KEY": "test-key",
+            "TOKENRELAY_WORKER_GRACE_S": "1",  # a worker told to stop hands its answer over
         })
         try:
             yield s
@@ -139,6 +145,48 @@ def test_resume_of_unknown_or_foreign_chats(stack: Stack) -> None:
     long_id = "x" * 201
     response = httpx.get(f"{stack.url}/v1/ai-sdk/chat/{long_id}/stream", headers=AUTH, timeout=10)
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_chat_id"
+
+
+def ui_chunks(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """The chunks of a UI message stream, until [DONE]."""
+    for line in lines:
+        if line.startswith("data: "):
+            if line == "data: [DONE]":
+                return
+            yield json.loads(line[len("data: "):])
+
+
+def test_a_restarted_answer_says_so_and_resumes_from_its_restart(stack: Stack) -> None:
+    """A worker stopped mid-answer: the stream ends the lost attempt with an error part; a
+    resume replays the new attempt alone (one text part: the thread's answer) to finish."""
+    body = {"id": "restarted-chat", "model": "fake:lorem", "max_tokens": 60,
+            "messages": [{"role": "user", "parts": [{"type": "text", "text": "go"}]}]}
+    first: list[dict[str, Any]] = []
+    with httpx.stream("POST", f"{stack.urls[0]}/v1/ai-sdk/chat", json=body, headers=AUTH,
+                      timeout=20) as response:
+        thread_id = response.headers["x-thread-id"]
+        for chunk in ui_chunks(response.iter_lines()):
+            first.append(chunk)
+            if [c["type"] for c in first].count("text-delta") == 5:
+                pid = _running_worker_pid(stack, response.headers["x-generation-id"])
+                next(w for w in stack.workers if w.pid == pid).popen.send_signal(signal.SIGTERM)
+            if chunk["type"] == "error":
+                break
+    assert first[-1]["errorText"] == RESTARTED_TEXT
+
+    with httpx.stream("GET", f"{stack.urls[1]}/v1/ai-sdk/chat/restarted-chat/stream",
+                      headers=AUTH, timeout=20) as response:
+        assert response.status_code == 200
+        resumed = list(ui_chunks(response.iter_lines()))
+    kinds = [c["type"] for c in resumed]
+    assert kinds[:2] == ["start", "text-start"] and kinds[-2:] == ["text-end", "finish"]
+    assert kinds.count("text-start") == 1 and "error" not in kinds
+    assert resumed[0]["messageId"] == first[0]["messageId"]
+    text = "".join(c["delta"] for c in resumed if c["type"] == "text-delta")
+    thread = wait_for(lambda: (t := httpx.get(f"{stack.url}/v1/threads/{thread_id}",
+                                              headers=AUTH, timeout=10).json())
+                      ["active_generation_id"] is None and t, 20, what="the answer recorded")
+    assert text == thread["messages"][-1]["content"] and len(text.split()) == 60
 
 
 def test_eventsource_reconnects_after_its_api_process_is_killed(node: str, stack: Stack) -> None:
