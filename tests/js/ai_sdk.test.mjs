@@ -118,3 +118,23 @@ test('reasoning and parallel tool calls arrive as reasoning and tool parts the S
     ['call_b2', 'get_time', 'input-available', { tz: 'Europe/Paris' }],
   ]);
 });
+
+test('an answer cancelled through the thread ends with abort, and the stream ends', async () => {
+  const responses = [];
+  const stream = await send(transport(A, { model: 'fake:lorem', max_tokens: 200 }, responses),
+    randomUUID(), [userMessage('a long one')]);
+  const reader = stream.getReader();
+  const chunks = [(await reader.read()).value];
+  const threadId = responses[0].headers.get('x-thread-id');
+  const thread = await (await fetch(`${B}/v1/threads/${threadId}`, { headers: AUTH })).json();
+  const cancel = await fetch(`${B}/v1/generations/${thread.active_generation_id}/cancel`,
+    { method: 'POST', headers: AUTH });
+  assert.equal(cancel.status, 202);
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    chunks.push(value);
+  }
+  assert.equal(chunks.at(-1).type, 'abort');
+  assert.ok(chunks.filter((c) => c.type === 'text-delta').length < 200);
+});
