@@ -109,7 +109,7 @@ def _events(
 
 
 async def _chunk_frames(state: AppState, gen_id: str, view: ChunkStream,
-                        after: StreamId | None) -> AsyncIterator[bytes]:
+                        after: StreamId | None = None) -> AsyncIterator[bytes]:
     try:
         async with _events(state, gen_id, after) as events:
             async for event in events:
