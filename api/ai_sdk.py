@@ -16,6 +16,7 @@ import logging
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
 
 from tokenrelay.api import generations, threads, ui_stream
 from tokenrelay.api.deps import AppState, Principal
@@ -134,7 +135,7 @@ async def send(state: AppState, tenant: str, request: ChatRequest) -> EventStrea
 
 async def resume(
     state: AppState, tenant: str, chat_id: str, after: ev.StreamId | None
-) -> EventStreamResponse | None:
+) -> Response | None:
     """The answer being written, from its start (or after ``after``); None (204) if none.
 
     From the start, only an answer still being written is streamed. After an event id

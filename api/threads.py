@@ -16,11 +16,11 @@ from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
 
 from tokenrelay.api import generations
 from tokenrelay.api.deps import AppState, Principal
 from tokenrelay.api.schemas import GenerationCreate, GenerationCreated, Message
-from tokenrelay.api.sse import EventStreamResponse
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys, streams
 from tokenrelay.shared import threads as store
@@ -268,7 +268,7 @@ async def _cancel(state: AppState, tenant: str, gen_id: str) -> None:
 
 async def active_stream(
     state: AppState, who: Principal, thread_id: str, after: ev.StreamId | None
-) -> EventStreamResponse | None:
+) -> Response | None:
     """The event stream of the thread's active generation; None (204) if none is active.
 
     A generation that has ended but not yet left the slot is still streamed to a
