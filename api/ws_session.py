@@ -203,8 +203,9 @@ class Session:
         hub = self.state.hub
         channel = await hub.join(gen_id)
         try:
-            if channel.owner is None or (who is not None
-                                         and not who.may_read(gen_id, channel.owner)):
+            if channel.owner is None:
+                raise generations.missing(self.state, gen_id)  # 410 once expired, else 404
+            if who is not None and not who.may_read(gen_id, channel.owner):
                 raise NotFound("no such generation")
             conn = Connection(self.loop, None, self.loop.time(), gen_id)
             view: View[Any] = WS if self.send_frames is None else WS_FRAMES
