@@ -38,6 +38,10 @@ class FramesWebSocketProtocol(WebSocketsSansIOProtocol):
     async def send(self, message: Any) -> None:
         if message["type"] != FRAMES:
             await super().send(message)
+            if message["type"] == "websocket.accept" and self.handshake_complete:
+                # The handshake's request and response are not read again: not kept for the
+                # socket's life (a few KiB per socket).
+                del self.request, self.response
             return
         await self.writable.wait()
         if self.disconnected or self.close_sent or self.conn.state is not State.OPEN:

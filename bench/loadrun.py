@@ -239,20 +239,28 @@ async def fanout(
     )
 
 
-async def idle_memory(stack: Stack, server: Server, n: int) -> dict[str, float]:
-    """RSS growth of ``server`` per idle viewer, with ``n`` viewers on one quiet generation."""
+async def idle_memory(stack: Stack, server: Server, n: int,
+                      opener: Opener | None = None) -> dict[str, float]:
+    """RSS growth of ``server`` per idle viewer, with ``n`` viewers on one quiet generation
+    (``opener``: as for :func:`fanout`; default SSE)."""
     gen_id = create_generation(stack.url, 10)
     host, port = host_port(server.url)
     request = request_bytes("GET", f"/v1/generations/{gen_id}/events", f"{host}:{port}")
     latencies: array = array("d")  # type: ignore[type-arg]
+
+    async def open_viewers(count: int) -> list[tuple[Viewer, Any]]:
+        if opener is None:
+            return list(await open_many(count, host, port, lambda i: request, latencies))
+        return await opener(count, host, port, gen_id, latencies)
+
     # Warm the server up (first request, imports, pools), then take the baseline.
-    warm = await open_many(10, host, port, lambda i: request, latencies)
+    warm = await open_viewers(10)
     await wait_until(lambda: all(v.ids for v, _ in warm), 30, "warm-up viewers")
     for _, proto in warm:
         proto.close()
     await asyncio.sleep(1.0)  # let the server release them (a settle, not a condition)
     before = rss(server.pid)
-    pairs = await open_many(n, host, port, lambda i: request, latencies)
+    pairs = await open_viewers(n)
     await wait_until(lambda: all(v.ids or v.error for v, _ in pairs), 180,
                      f"{n} idle viewers to receive the queued event")
     await asyncio.sleep(1.0)
