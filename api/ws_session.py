@@ -36,7 +36,7 @@ from tokenrelay.api.channel import View, Viewer
 from tokenrelay.api.deps import DEFAULT_TENANT, AppState, Principal
 from tokenrelay.api.schemas import GenerationCreate
 from tokenrelay.api.sse import Connection
-from tokenrelay.api.ws_transport import FRAMES
+from tokenrelay.api.ws_transport import ABORT, FRAMES
 from tokenrelay.api.ws_views import WS, WS_FRAMES
 from tokenrelay.shared import events as ev
 from tokenrelay.shared.errors import NotFound, TokenRelayError, TooManyRequests, Unauthorized
@@ -104,6 +104,8 @@ class Session:
             if not self.conn.stalled or task is None:
                 raise
             task.uncancel()
+            if self.send_frames is not None:  # reset, rather than wait for the peer forever
+                await self.send_frames({"type": ABORT})
         finally:
             connections.open.discard(self.conn)
             await self._end_all()

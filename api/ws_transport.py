@@ -13,11 +13,16 @@ while the transport is over its high-water mark).
 The extension is offered in the scope (``extensions["tokenrelay.websocket.frames"]``)
 only when the connection negotiated no WebSocket extension (``permessage-deflate``
 would rewrite every frame per socket); an app that does not find it sends plain
-``websocket.send`` messages, as under any other server.
+``websocket.send`` messages, as under any other server. With it comes ``ABORT``: the
+app drops a socket whose peer stopped reading (its send timeout) with a reset instead
+of a close that would wait for the peer forever.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -26,6 +31,9 @@ from websockets.http11 import Request
 from websockets.protocol import State
 
 FRAMES = "tokenrelay.websocket.frames"  # the extension's name, and its message type
+# Drop the connection at once (a peer that stopped reading): a close() would wait for the
+# write buffer to drain, which never happens, and keep the connection and what it holds.
+ABORT = "tokenrelay.websocket.abort"
 
 
 class FramesWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -36,6 +44,13 @@ class FramesWebSocketProtocol(WebSocketsSansIOProtocol):
             self.scope["extensions"][FRAMES] = {}
 
     async def send(self, message: Any) -> None:
+        if message["type"] == ABORT:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # a reset: the kernel drops what it still holds for the peer
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+            return
         if message["type"] != FRAMES:
             await super().send(message)
             if message["type"] == "websocket.accept" and self.handshake_complete:
