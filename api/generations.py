@@ -154,6 +154,7 @@ def _job_request(body: GenerationCreate, model: str) -> dict[str, Any]:
         "max_tokens": body.max_tokens,
         "temperature": body.temperature,
         "extra": extra,
+        "on_disconnect": body.on_disconnect,
     }
 
 

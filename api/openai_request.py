@@ -14,7 +14,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenrelay.api.openai_errors import OpenAIError
-from tokenrelay.api.schemas import MAX_MESSAGES, GenerationCreate, Message, Sampling
+from tokenrelay.api.schemas import (
+    MAX_MESSAGES,
+    GenerationCreate,
+    Message,
+    OnDisconnect,
+    Sampling,
+)
 from tokenrelay.shared.models import check_model
 from tokenrelay.shared.settings import Settings
 
@@ -53,6 +59,9 @@ class ChatCompletionRequest(Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
+    # tokenrelay's own (the SDK's extra_body): "continue" keeps a generation going after
+    # the client leaves, to resume it by its X-Generation-Id; default OPENAI_ON_DISCONNECT.
+    on_disconnect: OnDisconnect | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -114,6 +123,7 @@ def to_generation(request: ChatCompletionRequest, settings: Settings) -> Generat
             metadata=request.metadata,
             tools=request.tools,
             tool_choice=request.tool_choice,
+            on_disconnect=request.on_disconnect or settings.openai_on_disconnect,
             **request.sampling(),
         )
     except ValidationError as exc:

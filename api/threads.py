@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tokenrelay.api import generations
 from tokenrelay.api.deps import AppState, Principal
-from tokenrelay.api.schemas import GenerationCreate, GenerationCreated, Message
+from tokenrelay.api.schemas import GenerationCreate, GenerationCreated, Message, OnDisconnect
 from tokenrelay.api.sse import EventStreamResponse
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys, streams
@@ -58,6 +58,9 @@ class MessageCreate(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     if_busy: Literal["reject", "enqueue", "interrupt"] = Field(
         "reject", description="while another answer runs: 409, run after it, or cancel it")
+    on_disconnect: OnDisconnect = Field(
+        "continue", description="cancel: stop the answer once nobody has watched it for "
+                                "TOKENRELAY_ABANDON_GRACE_S")
 
 
 class MessageCreated(GenerationCreated):
@@ -73,7 +76,7 @@ class ThreadMessage(BaseModel):
     model: str | None = None
     status: str | None = None
     finish_reason: str | None = None
-    usage: dict[str, int] | None = None
+    usage: dict[str, int | float | bool] | None = None  # tokens; "cost" in USD when priced
     error: dict[str, Any] | None = None
 
 
@@ -87,8 +90,9 @@ class ThreadBody(BaseModel):
     metadata: dict[str, str]
     messages: list[ThreadMessage]
     active_generation_id: str | None
-    usage: dict[str, int]
-    cost: float | None = None
+    usage: dict[str, int | float] = Field(
+        description="totals over its ended answers: tokens, and cost (USD) when priced")
+    cost: float | None = Field(None, description="usage.cost (null: no answer was priced)")
 
 
 class ThreadSummary(BaseModel):
@@ -179,7 +183,7 @@ async def body(state: AppState, thread: store.Thread) -> ThreadBody:
         id=thread.id, created_at=thread.created_at, updated_at=thread.updated_at,
         title=thread.title, system=thread.system, model=thread.model,
         metadata=thread.metadata, messages=messages, active_generation_id=thread.active,
-        usage=thread.usage,
+        usage=thread.usage, cost=thread.usage.get("cost"),
     )
 
 
@@ -207,7 +211,7 @@ async def post_message(
     request = GenerationCreate(
         model=model, messages=[Message(role="user", content=message.content)],
         max_tokens=message.max_tokens, temperature=message.temperature,
-        metadata={"thread_id": thread_id},
+        metadata={"thread_id": thread_id}, on_disconnect=message.on_disconnect,
     )
     created = await generations.create(state, tenant, request, None, enqueue=False)
     turn = store.Turn(id=store.new_message_id(), reply_id=store.new_message_id(),

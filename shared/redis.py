@@ -129,6 +129,27 @@ class Script:
         self._sent = True  # EVAL also caches the script on the server
         return await awaited(redis.eval(self.source, len(keys), *keys, *args))
 
+    async def many(self, redis: Redis,
+                   calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Run the script once per (keys, args) in one pipeline (one round trip per node on
+        a Cluster), in order; the replies in order. A server that does not know the script
+        gets its body for those calls only. Raises the first other error."""
+        if not calls:
+            return []
+        async with redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(self.sha, len(keys), *keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                keys, args = calls[index]
+                replies[index] = await awaited(redis.eval(self.source, len(keys), *keys, *args))
+        self._sent = True
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
 
 class Backoff:
     """Delays between attempts while Redis is away: ``first``, doubling up to ``cap``."""
