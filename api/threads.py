@@ -22,7 +22,7 @@ from tokenrelay.api.deps import AppState, Principal
 from tokenrelay.api.schemas import GenerationCreate, GenerationCreated, Message, OnDisconnect
 from tokenrelay.api.sse import EventStreamResponse
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import keys, streams
+from tokenrelay.shared import keys, presence, streams
 from tokenrelay.shared import threads as store
 from tokenrelay.shared.errors import BadRequest, Conflict, NotFound, ValidationFailed
 from tokenrelay.shared.models import check_model
@@ -93,6 +93,7 @@ class ThreadBody(BaseModel):
     usage: dict[str, int | float] = Field(
         description="totals over its ended answers: tokens, and cost (USD) when priced")
     cost: float | None = Field(None, description="usage.cost (null: no answer was priced)")
+    viewers: int = Field(0, description="viewers of the active answer, on any API process")
 
 
 class ThreadSummary(BaseModel):
@@ -184,6 +185,7 @@ async def body(state: AppState, thread: store.Thread) -> ThreadBody:
         title=thread.title, system=thread.system, model=thread.model,
         metadata=thread.metadata, messages=messages, active_generation_id=thread.active,
         usage=thread.usage, cost=thread.usage.get("cost"),
+        viewers=await presence.count(state.redis, thread.active) if thread.active else 0,
     )
 
 

@@ -136,15 +136,20 @@ class Script:
         gets its body for those calls only. Raises the first other error."""
         if not calls:
             return []
+        replies: list[Any] = []
+        if not self._sent:  # the first call sends the body; the others run by its SHA
+            first_keys, first_args = calls[0]
+            replies.append(await self(redis, first_keys, *first_args))
+            calls = calls[1:]
         async with redis.pipeline(transaction=False) as pipe:
             for keys, args in calls:
                 pipe.evalsha(self.sha, len(keys), *keys, *args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        for index, reply in enumerate(replies):
+            piped: list[Any] = await pipe.execute(raise_on_error=False) if calls else []
+        for index, reply in enumerate(piped):
             if isinstance(reply, NoScriptError):
                 keys, args = calls[index]
-                replies[index] = await awaited(redis.eval(self.source, len(keys), *keys, *args))
-        self._sent = True
+                piped[index] = await awaited(redis.eval(self.source, len(keys), *keys, *args))
+        replies += piped
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply

@@ -139,19 +139,25 @@ def test_a_viewer_back_within_the_grace_keeps_it_running(stack: Stack) -> None:
     assert len((text_of(first) + text_of(rest)).split()) == 120
 
 
-def test_a_thread_message_nobody_watches_is_cancelled(stack: Stack) -> None:
-    """A thread message posted with on_disconnect cancel and never watched is cancelled after
-    the grace; the thread keeps its partial answer, marked cancelled."""
-    thread = httpx.post(f"{stack.url}/v1/threads", json={}, timeout=10).json()
-    response = httpx.post(f"{stack.url}/v1/threads/{thread['id']}/messages", timeout=10,
-                          json={"content": "x", "model": "fake:lorem", "max_tokens": 600,
-                                "on_disconnect": "cancel"})
+def test_a_thread_message_nobody_watches_any_more_is_cancelled(stack: Stack) -> None:
+    """A thread message posted with on_disconnect cancel: its thread stream's viewer counts
+    (`viewers` of the thread too); once it leaves, the answer is cancelled after the grace
+    and the thread keeps its partial text, marked cancelled."""
+    a, b = stack.urls[:2]
+    thread_url = f"{a}/v1/threads/{httpx.post(f'{a}/v1/threads', timeout=10).json()['id']}"
+    response = httpx.post(f"{thread_url}/messages", timeout=10, json={
+        "content": "x", "model": "fake:lorem", "max_tokens": 600, "on_disconnect": "cancel"})
     assert response.status_code == 202, response.text
     gen_id = response.json()["id"]
-    wait_for(lambda: status(stack.url, gen_id)["status"] == "cancelled", GRACE_S + 5, 0.1,
-             "cancelled")
-    messages = httpx.get(f"{stack.url}/v1/threads/{thread['id']}", timeout=10).json()["messages"]
-    assert messages[-1]["status"] == "cancelled"
+    with httpx.Client(timeout=10) as client, client.stream(
+            "GET", f"{thread_url.replace(a, b)}/stream") as stream:
+        assert stream.status_code == 200
+        wait_for(lambda: httpx.get(thread_url, timeout=10).json()["viewers"] == 1, 5, 0.05,
+                 "the thread's viewer")
+    wait_for(lambda: status(a, gen_id)["status"] == "cancelled", GRACE_S + 5, 0.1, "cancelled")
+    thread = httpx.get(thread_url, timeout=10).json()
+    assert thread["messages"][-1]["status"] == "cancelled" and thread["messages"][-1]["content"]
+    assert thread["viewers"] == 0
 
 
 def test_facade_stream_closed_by_the_sdk_stops_the_upstream(env: tuple[Stack, Record]) -> None:
