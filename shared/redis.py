@@ -143,7 +143,9 @@ class Script:
             calls = calls[1:]
         async with redis.pipeline(transaction=False) as pipe:
             for keys, args in calls:
-                pipe.evalsha(self.sha, len(keys), *keys, *args)
+                # (by name: redis-py blocks the evalsha method on Cluster pipelines, but
+                # routes the command by its keys like any other)
+                pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
             piped: list[Any] = await pipe.execute(raise_on_error=False) if calls else []
         for index, reply in enumerate(piped):
             if isinstance(reply, NoScriptError):
