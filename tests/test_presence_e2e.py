@@ -181,6 +181,20 @@ def test_facade_stream_closed_by_the_sdk_stops_the_upstream(env: tuple[Stack, Re
     assert status(stack.url, gen_id)["status"] == "cancelled"
 
 
+def test_facade_request_given_up_by_the_sdk_stops_the_upstream(
+        env: tuple[Stack, Record]) -> None:
+    """A non-stream chat completion whose client gives up (the SDK's timeout) is cancelled
+    after the grace too, its upstream connection closed."""
+    stack, record = env
+    before = record.disconnected
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0,
+                           timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model="openai:slow",
+                                       messages=[{"role": "user", "content": "x"}])
+    wait_for(lambda: record.disconnected > before, GRACE_S + 5, 0.02, "the upstream closed")
+
+
 def test_facade_opt_in_continue_keeps_going_without_its_client(stack: Stack) -> None:
     """extra_body on_disconnect continue: the SDK leaves, the generation runs to its end and
     is read through the native API by its id."""
