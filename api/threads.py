@@ -321,10 +321,10 @@ def markdown(thread: ThreadBody) -> str:
         f"created_at: {scalar(_iso(thread.created_at))}",
         f"updated_at: {scalar(_iso(thread.updated_at))}",
         "usage:",
-        *(f"  {name}: {value}" for name, value in thread.usage.items()),
+        *(f"  {name}: {_number(value)}" for name, value in thread.usage.items()),
     ]
     if thread.cost is not None:
-        front.append(f"cost: {thread.cost}")
+        front.append(f"cost: {_number(thread.cost)}")
     if thread.metadata:
         front.append("metadata:")
         front += [f"  {scalar(k)}: {scalar(v)}" for k, v in thread.metadata.items()]
@@ -341,6 +341,11 @@ def markdown(thread: ThreadBody) -> str:
             text += f"\n\n*[{message.status}]*"
         parts.append(f"{heading}\n\n{text}")
     return "\n\n".join(parts) + "\n"
+
+
+def _number(value: float) -> str:
+    """A number as YAML 1.1 and 1.2 both read it: no exponent (``1e-05`` is a string in 1.1)."""
+    return str(value) if isinstance(value, int) else f"{value:.10f}".rstrip("0").rstrip(".")
 
 
 def _iso(ts: float) -> str:
