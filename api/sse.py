@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 PING = b": ping\n"
 # Written to every open stream when the process shuts down: reconnect soon (to
 # another instance, with Last-Event-ID) instead of waiting for the socket to drop.
-DRAIN = b": shutting down, reconnect\nretry: 250\n\n"
+# No blank line after it: an SSE parser applies ``retry:`` as it reads the line, and a
+# blank line would make lax ones (httpx-sse, fetch-event-source) yield an empty event.
+DRAIN = b": shutting down, reconnect\nretry: 250\n"
 MEDIA_TYPE = b"text/event-stream; charset=utf-8"
 _HEADERS = (
     (b"content-type", MEDIA_TYPE),
