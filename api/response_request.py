@@ -28,8 +28,9 @@ NO_OP_VALUES: dict[str, tuple[Any, str]] = {
     "truncation": ("disabled", "tokenrelay does not truncate the input: 'truncation' must "
                                "be 'disabled'"),
 }
-_ROLES = {"user", "system", "developer", "assistant"}
-_TEXT_PARTS = {"input_text", "output_text", "text"}
+# Tuples, not sets: a client's value may be unhashable (a list), and must get a 400.
+_ROLES = ("assistant", "developer", "system", "user")
+_TEXT_PARTS = ("input_text", "output_text", "text")
 
 
 class TextFormat(BaseModel):
@@ -130,7 +131,7 @@ def input_messages(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             role = item.get("role")
             if role not in _ROLES:
                 raise _bad(f"{param}.role", f"'{param}.role' must be one of "
-                           f"{', '.join(sorted(_ROLES))}")
+                           f"{', '.join(_ROLES)}")
             messages.append({"role": role, "content": _content(item.get("content"),
                                                                f"{param}.content")})
         elif kind == CALL:
@@ -161,6 +162,8 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise _bad(f"tools[{i}].type", "tokenrelay supports function tools only",
                        "unsupported_value")
         function = {"name": _text_of(tool.get("name"), f"tools[{i}].name")}
+        if not isinstance(tool.get("parameters", {}), dict | None):
+            raise _bad(f"tools[{i}].parameters", "a tool's 'parameters' is a JSON schema object")
         for key in ("description", "parameters", "strict"):
             if tool.get(key) is not None:
                 function[key] = tool[key]

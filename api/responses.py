@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -77,17 +76,9 @@ async def read(state: AppState, tenant: str, resp_id: str,
     return folded, found[0]
 
 
-@dataclass(frozen=True, slots=True)
-class Created:
-    gen_id: str
-    request: response_request.ResponsesRequest
-    head: dict[str, Any]
-
-
-async def create(state: AppState, tenant: str, raw: bytes,
-                 idempotency_key: str | None) -> Created:
-    """Check the request, chain it onto its previous response, and queue its generation."""
-    request = response_request.parse(raw)
+async def create(state: AppState, tenant: str, request: response_request.ResponsesRequest,
+                 idempotency_key: str | None) -> str:
+    """Chain the request onto its previous response and queue its generation; its id."""
     model = response_request.resolve_model(request, state.settings)
     earlier: list[dict[str, Any]] = []
     if request.previous_response_id is not None:
@@ -104,7 +95,7 @@ async def create(state: AppState, tenant: str, raw: bytes,
     head = response_request.head(request, response_id(gen_id), model, streams.now())
     created = await generations.create(state, tenant, body, idempotency_key, gen_id=gen_id,
                                        first_event={"response": head})
-    return Created(created.id, request, head)
+    return created.id
 
 
 class _AfterSequence:

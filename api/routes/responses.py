@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from tokenrelay.api import generations, responses
+from tokenrelay.api import generations, response_request, responses
 from tokenrelay.api.deps import State, Tenant
 from tokenrelay.api.routes.openai_compat import CLIENT_CLOSED
 
@@ -45,18 +45,19 @@ async def create_response(
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Create a response: its events with `stream`, at once with `background`, else when done."""
-    raw = await request.body()
-    created = await responses.create(state, tenant, raw, idempotency_key)
-    if created.request.stream:
+    body = response_request.parse(await request.body())
+    if body.stream:
         generations.ensure_viewer_capacity(state)
-        return responses.event_stream(state, created.gen_id, None)
-    if created.request.background:
-        folded, _ = await responses.read(state, tenant, responses.response_id(created.gen_id))
-        return JSONResponse(folded.response())
-    folded_end = await responses.follow(state, created.gen_id, request=request)
-    if folded_end is None:
+    gen_id = await responses.create(state, tenant, body, idempotency_key)
+    if body.stream:
+        return responses.event_stream(state, gen_id, None)
+    if body.background:
+        queued, _ = await responses.read(state, tenant, responses.response_id(gen_id))
+        return JSONResponse(queued.response())
+    ended = await responses.follow(state, gen_id, request=request)
+    if ended is None:
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(folded_end.response())
+    return JSONResponse(ended.response())
 
 
 @router.get("/{response_id}", responses=_ERRORS)
