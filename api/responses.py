@@ -134,7 +134,11 @@ def event_stream(state: AppState, gen_id: str, starting_after: int | None
     return EventStreamResponse(
         _AfterSequence(viewer, starting_after),
         state.hub.connections,
-        preamble=b"",  # a lone `retry:` is an event with empty data to the openai SDK
+        # A `retry:` line and its blank line are an event with empty data to the openai
+        # SDK, which fails to parse it: no preamble, and a plain end on shutdown (the
+        # client resumes after the last sequence_number it has, on another instance).
+        preamble=b"",
+        drain=b"",
         headers={"X-Generation-Id": gen_id},
         label=gen_id,
     )

@@ -173,7 +173,8 @@ def tune_gc() -> tuple[int, int, int]:
 class EventStreamResponse(Response):
     """A ``text/event-stream`` ASGI response fed by a :class:`FrameSource` of encoded frames.
 
-    ``preamble`` (the ``retry:`` line) is written with the headers. The source's
+    ``preamble`` (the ``retry:`` line) is written with the headers, ``drain`` (a
+    reconnect hint) last when the process shuts down. The source's
     bytes are written as they come, one send per batch; after the source ends the
     response ends. Headers: ``Cache-Control: no-store`` and ``X-Accel-Buffering:
     no`` so that proxies neither cache nor buffer the stream.
@@ -187,6 +188,7 @@ class EventStreamResponse(Response):
         connections: Connections,
         *,
         preamble: bytes,
+        drain: bytes = DRAIN,
         status_code: int = 200,
         headers: Mapping[str, str] | None = None,
         label: str = "",
@@ -194,6 +196,7 @@ class EventStreamResponse(Response):
         self.source = source
         self.connections = connections
         self.preamble = preamble
+        self.drain = drain  # the last bytes when the process shuts down
         self.status_code = status_code
         self.label = label
         raw = [*_HEADERS]
@@ -252,7 +255,7 @@ class EventStreamResponse(Response):
                 return
             if conn.draining:
                 conn.send_started = loop.time()
-                await send({"type": "http.response.body", "body": chunk + DRAIN if chunk else DRAIN,
+                await send({"type": "http.response.body", "body": (chunk or b"") + self.drain,
                             "more_body": False})
                 return
             if chunk is None:
