@@ -27,7 +27,7 @@ from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys, streams
 from tokenrelay.shared.errors import Conflict
 from tokenrelay.shared.ids import new_generation_id
-from tokenrelay.shared.redis import text
+from tokenrelay.shared.redis import awaited, text
 
 _RESPONSE_ID = re.compile(r"^resp_([0-9a-f]{32})$")
 # How long a cancel waits for the generation's end before answering with what it has.
@@ -60,8 +60,9 @@ async def read(state: AppState, tenant: str, resp_id: str,
     """The response folded from Redis, and its generation's meta; 404 unless it is a
     response of ``tenant``'s (400 when it was named by the parameter ``param``)."""
     gen_id = generation_of(resp_id, param)
-    found = await streams.read_status(state.redis, gen_id)
-    if found is None or found[0].get("tenant") != tenant:
+    raw = await awaited(state.redis.hgetall(keys.meta(gen_id)))
+    meta = {text(k): text(v) for k, v in raw.items()}
+    if meta.get("tenant") != tenant:
         raise not_found(resp_id, param)
     folded, after = ResponseState(), None
     while True:
@@ -73,7 +74,7 @@ async def read(state: AppState, tenant: str, resp_id: str,
         after = text(page[-1][0])
     if folded.head is None:
         raise not_found(resp_id, param)  # a generation, but not one made as a response
-    return folded, found[0]
+    return folded, meta
 
 
 async def create(state: AppState, tenant: str, request: response_request.ResponsesRequest,
