@@ -145,6 +145,7 @@ def test_a_resume_after_any_sequence_number_gets_exactly_the_events_after_it() -
 
 
 def test_a_delta_quoting_the_field_name_does_not_confuse_the_resume() -> None:
+    """Text that spells `"sequence_number":99` is escaped in the JSON, after the real field."""
     frames = frames_of(text('"sequence_number":99', " x"))
     assert parse(after_sequence(frames, 4)) == parse(frames)[5:]
 
@@ -160,5 +161,6 @@ async def test_viewers_of_a_trimmed_channel_get_the_frames_of_a_fold_from_the_st
 
 
 def test_a_generation_not_made_as_a_response_has_no_frames() -> None:
+    """A first event without the response's fields (a native generation): nothing to say."""
     plain = [entry(0, ev.STATUS, status="queued"), entry(1), entry(2, ev.DONE)]
     assert frames_of(plain) == b""
