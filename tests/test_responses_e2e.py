@@ -96,9 +96,9 @@ async def test_non_stream_and_stream_creates_give_the_same_text(stack: Stack) ->
 
 
 def test_cancel_ends_a_response_cancelled_and_is_idempotent(stack: Stack) -> None:
-    """Cancel a background response mid-answer on the other process: it comes back
-    cancelled, its stream ends with response.failed (status cancelled), a second cancel
-    answers the same."""
+    """Cancel a background response mid-answer on the other process (no chaining onto it
+    before): it comes back cancelled, its stream ends with response.failed (status
+    cancelled), a second cancel answers the same."""
     with client(stack, 0) as first, client(stack, 1) as second:
         started = first.responses.create(model="fake:lorem", input="go", background=True,
                                          max_output_tokens=5000)
@@ -107,6 +107,10 @@ def test_cancel_ends_a_response_cancelled_and_is_idempotent(stack: Stack) -> Non
         for event in stream:
             if event.type == "response.output_text.delta":
                 break  # it is running
+        with pytest.raises(openai.BadRequestError) as early:  # chain onto it: not yet
+            second.responses.create(model="fake:echo", input="x",
+                                    previous_response_id=started.id)
+        assert early.value.code == "previous_response_in_progress"
         cancelled = second.responses.cancel(started.id)
         assert cancelled.status == "cancelled"
         rest = [event.type for event in stream]
