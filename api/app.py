@@ -21,6 +21,7 @@ from tokenrelay.api.middleware import BodyLimit, RequestContext
 from tokenrelay.api.openai_errors import add_openai_errors
 from tokenrelay.api.readers import create_reader
 from tokenrelay.api.routes import (
+    ai_sdk,
     generations,
     health,
     metrics,
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(responses.router)
     app.include_router(usage.router)
     app.include_router(metrics.router)
+    app.include_router(ai_sdk.router)
     app.state.metrics = Metrics()
     app.add_middleware(EventsFastPath)  # innermost: SSE viewers skip the router's layers
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, errors=errors)

@@ -316,6 +316,9 @@ class Viewer(Generic[T]):
                 self.last = channel.id_at(stop - 1)
                 self.finished = terminal
                 return batch
+            if channel.done:  # resumed past the terminal event: nothing more will come
+                self.finished = True
+                return None
             if channel.failed is not None:
                 raise channel.failed
             if conn.closing or conn.draining or conn.ping_due:

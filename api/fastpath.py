@@ -6,11 +6,11 @@ import re
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenrelay.api import generations
 from tokenrelay.api.deps import AppState, generation_id, get_reader
-from tokenrelay.api.sse import EventStreamResponse
 from tokenrelay.shared.errors import TokenRelayError
 
 _EVENTS_PATH = re.compile(r"^/v1/generations/([^/]+)/events$")
@@ -49,7 +49,7 @@ class EventsFastPath:
             await response(scope, receive, send)
 
 
-async def _open(scope: Scope, raw_id: str) -> EventStreamResponse | None:
+async def _open(scope: Scope, raw_id: str) -> Response | None:
     request = Request(scope)
     state: AppState = scope["app"].state.tr
     try:

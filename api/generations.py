@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
+from starlette.responses import Response
 
-from tokenrelay.api.channel import SSE, Channel, Viewer
+from tokenrelay.api import idempotency
+from tokenrelay.api.channel import SSE, Channel, View, Viewer
 from tokenrelay.api.deps import AppState, Principal
 from tokenrelay.api.schemas import ErrorInfo, GenerationCreate, GenerationCreated, GenerationStatus
 from tokenrelay.api.sse import EventStreamResponse
@@ -18,12 +21,14 @@ from tokenrelay.shared import keys, lifecycle, limits, queue, streams
 from tokenrelay.shared.errors import (
     BadRequest,
     Conflict,
+    Gone,
     NotFound,
+    TokenRelayError,
     TooManyRequests,
     Unavailable,
     ValidationFailed,
 )
-from tokenrelay.shared.ids import new_generation_id
+from tokenrelay.shared.ids import new_generation_id, past_retention
 from tokenrelay.shared.models import check_model
 
 logger = logging.getLogger(__name__)
@@ -33,13 +38,17 @@ logger = logging.getLogger(__name__)
 QUEUE_ALLOWANCE_S = 600
 
 
+# The native create endpoint, as the Idempotency-Key's request fingerprint names it.
+ENDPOINT = "POST /v1/generations"
+
+
 def events_url(gen_id: str) -> str:
     return f"/v1/generations/{gen_id}/events"
 
 
 async def create(
     state: AppState, tenant: str, body: GenerationCreate, idempotency_key: str | None,
-    *, enqueue: bool = True, gen_id: str | None = None,
+    *, enqueue: bool = True, endpoint: str = ENDPOINT, gen_id: str | None = None,
     first_event: dict[str, Any] | None = None,
 ) -> GenerationCreated:
     """Record the generation (status and its first event), then enqueue it and wake a worker.
@@ -48,6 +57,20 @@ async def create(
     starts later with :func:`enqueue`. ``gen_id``: its id, chosen by the caller;
     ``first_event``: more data for its ``queued`` event (what a protocol's fold starts from).
     """
+    created, _ = await create_or_replay(state, tenant, body, idempotency_key, enqueue=enqueue,
+                                        endpoint=endpoint, gen_id=gen_id,
+                                        first_event=first_event)
+    return created
+
+
+async def create_or_replay(
+    state: AppState, tenant: str, body: GenerationCreate, idempotency_key: str | None,
+    *, enqueue: bool = True, endpoint: str = ENDPOINT, gen_id: str | None = None,
+    first_event: dict[str, Any] | None = None,
+) -> tuple[GenerationCreated, bool]:
+    """As :func:`create`, and whether it is the generation an earlier request with this
+    Idempotency-Key made (True), rather than a new one. ``endpoint`` is part of the key's
+    request fingerprint (:mod:`tokenrelay.api.idempotency`)."""
     settings = state.settings
     model = body.model or settings.default_model
     problem = check_model(model, settings)
@@ -63,18 +86,23 @@ async def create(
         request=_job_request(body, model),
         created_at=streams.now(),
     )
+    fp = ""
     if idempotency_key is not None:
-        _check_idempotency_key(idempotency_key)
-        earlier = await _earlier_generation(state, tenant, idempotency_key)
+        idempotency.check_key(idempotency_key)
+        fp = idempotency.fingerprint(endpoint, tenant, {
+            **body.model_dump(mode="json", exclude_none=True), "model": model})
+        earlier = await idempotency.find(state.redis, tenant, idempotency_key, fp)
         if earlier is not None:
-            return earlier
+            return await _replayed(state, earlier), True
     await _admit(state, tenant, gen.id)
     try:
         if idempotency_key is not None:
-            earlier = await _claim_idempotency_key(state, tenant, idempotency_key, gen)
+            earlier = await idempotency.claim(
+                state.redis, tenant, idempotency_key, fp,
+                idempotency.Earlier(gen.id, gen.model, gen.created_at), settings.retention_s)
             if earlier is not None:  # a concurrent retry won the key
                 await _release(state, tenant, gen.id)
-                return earlier
+                return await _replayed(state, earlier), True
         job = queue.first_job(state.queue, gen.id)
         if not enqueue:  # a thread's message waiting for its turn: no job yet
             await streams.create(state.redis, gen, metadata=body.metadata, first=first_event)
@@ -92,7 +120,7 @@ async def create(
         raise
     state.metrics.created.inc()
     logger.info("created generation_id=%s model=%s tenant=%s", gen.id, gen.model, tenant)
-    return _created(state, gen.id, ev.QUEUED, gen.model, gen.created_at)
+    return _created(state, gen.id, ev.QUEUED, gen.model, gen.created_at), False
 
 
 async def enqueue(state: AppState, gen_id: str) -> None:
@@ -160,35 +188,11 @@ def _job_request(body: GenerationCreate, model: str) -> dict[str, Any]:
     }
 
 
-def _check_idempotency_key(key: str) -> None:
-    if not key or len(key) > 200:
-        raise BadRequest("Idempotency-Key must be 1 to 200 characters")
-
-
-async def _earlier_generation(
-    state: AppState, tenant: str, key: str
-) -> GenerationCreated | None:
-    """The generation this tenant created earlier with this Idempotency-Key, if any."""
-    raw = await state.redis.get(keys.idempotency(tenant, key))
-    if raw is None:
-        return None
-    earlier = json.loads(raw)
-    status = await streams.read_status(state.redis, earlier["id"])
+async def _replayed(state: AppState, earlier: idempotency.Earlier) -> GenerationCreated:
+    """The answer to a repeated request: the earlier generation, in its current status."""
+    status = await streams.read_status(state.redis, earlier.id)
     current = status[0]["status"] if status else ev.QUEUED
-    return _created(state, earlier["id"], current, earlier["model"], earlier["created_at"])
-
-
-async def _claim_idempotency_key(
-    state: AppState, tenant: str, key: str, gen: streams.NewGeneration
-) -> GenerationCreated | None:
-    """Claim the key for ``gen``; if another request holds it, that request's generation."""
-    record = json.dumps({"id": gen.id, "model": gen.model, "created_at": gen.created_at})
-    claimed = await state.redis.set(
-        keys.idempotency(tenant, key), record, nx=True, ex=state.settings.retention_s
-    )
-    if claimed:
-        return None
-    return await _earlier_generation(state, tenant, key)
+    return _created(state, earlier.id, current, earlier.model, earlier.created_at)
 
 
 def _created(
@@ -207,9 +211,23 @@ def _created(
 async def load(state: AppState, who: Principal, gen_id: str) -> tuple[dict[str, str], str]:
     """(meta, content) of a generation ``who`` may read; NotFound otherwise."""
     found = await streams.read_status(state.redis, gen_id)
-    if found is None or not who.may_read(gen_id, found[0].get("tenant", "")):
+    if found is None:
+        raise missing(state, gen_id)
+    if not who.may_read(gen_id, found[0].get("tenant", "")):
         raise NotFound("no such generation")
     return found
+
+
+def missing(state: AppState, gen_id: str) -> TokenRelayError:
+    """What an id without keys gets: 410 once its retention must be over, else 404.
+
+    Told from the time in the id (:mod:`tokenrelay.shared.ids`), so nothing is kept
+    longer; an old-format id, or one not old enough, is simply unknown.
+    """
+    if past_retention(gen_id, state.settings.retention_s):
+        return Gone(f"generation {gen_id} has expired: events and status are kept "
+                    f"{state.settings.retention_s}s after it ends", code="gone")
+    return NotFound("no such generation")
 
 
 def status_body(gen_id: str, meta: dict[str, str], content: str) -> GenerationStatus:
@@ -245,10 +263,25 @@ def parse_after(last_event_id: str | None, after: str | None) -> ev.StreamId | N
         raise BadRequest(str(exc), code="invalid_event_id") from exc
 
 
+def resume_position(last_event_id: str | None, idempotency_key: str | None) -> ev.StreamId | None:
+    """The ``Last-Event-ID`` of a re-sent create (an auto-retrying SSE client): where to
+    continue the generation its Idempotency-Key made. Without a key it matches nothing:
+    400 ``idempotency_key_required`` (creating another generation would fork the answer)."""
+    after = parse_after(last_event_id, None)
+    if after is not None and idempotency_key is None:
+        raise BadRequest("Last-Event-ID on a create resumes the generation of the same "
+                         "Idempotency-Key; send the key of the first request, or resume with "
+                         "GET /v1/generations/{id}/events", code="idempotency_key_required")
+    return after
+
+
 async def open_event_stream(
-    state: AppState, who: Principal, gen_id: str, after: ev.StreamId | None
-) -> EventStreamResponse:
-    """The event stream of ``gen_id`` for ``who``: 404 unless readable, 503 at the viewer limit.
+    state: AppState, who: Principal, gen_id: str, after: ev.StreamId | None,
+    wire: Wire | None = None,
+) -> Response:
+    """The event stream of ``gen_id`` for ``who``: 404 unless readable (410 once expired),
+    503 at the viewer limit, and 204 when ``after`` is at or past its terminal event:
+    nothing more will come (an EventSource that reconnects after the end stops there).
 
     Authorisation goes through the hub: the channel that loads the stream's tail
     also loads its owner, and the viewer keeps that registration. A stream this
@@ -257,29 +290,63 @@ async def open_event_stream(
     """
     channel = await state.hub.join(gen_id)
     try:
-        if channel.owner is None or not who.may_read(gen_id, channel.owner):
+        if channel.owner is None:
+            raise missing(state, gen_id)
+        if not who.may_read(gen_id, channel.owner):
             raise NotFound("no such generation")
+        if _at_end(channel, after):
+            state.hub.leave(channel)
+            return Response(status_code=204, headers={"X-Generation-Id": gen_id})
         ensure_viewer_capacity(state)
     except BaseException:
         state.hub.leave(channel)
         raise
-    return event_stream(state, gen_id, after, channel=channel)
+    return event_stream(state, gen_id, after, channel=channel, wire=wire)
+
+
+@dataclass(frozen=True)
+class Wire:
+    """How an event stream speaks: its view of the events (an encoding or a fold), what
+    precedes them, and headers of its own (another client protocol than native SSE)."""
+
+    view: View[bytes] = SSE
+    preamble: bytes = ev.RETRY_FRAME
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+async def ended_at(state: AppState, gen_id: str, after: ev.StreamId) -> bool:
+    """Whether ``after`` is at or past the terminal event of ``gen_id`` (a readable one):
+    a resume with nothing left to send."""
+    channel = await state.hub.join(gen_id)
+    try:
+        return _at_end(channel, after)
+    finally:
+        state.hub.leave(channel)
+
+
+def _at_end(channel: Channel, after: ev.StreamId | None) -> bool:
+    """Whether ``after`` is at or past the channel's terminal event (always in its memory:
+    the last event, and the hub loads the tail)."""
+    end = channel.terminal_at
+    return after is not None and end is not None and after >= channel.id_at(end)
 
 
 def event_stream(
     state: AppState, gen_id: str, after: ev.StreamId | None, status_code: int = 200,
-    channel: Channel | None = None,
+    channel: Channel | None = None, wire: Wire | None = None,
 ) -> EventStreamResponse:
     """The SSE response of one viewer: ``retry:``, replay after ``after``, live, the end.
 
     ``channel``: the viewer's hub registration, when the caller has joined already.
+    ``wire``: another protocol than the native events (default: native SSE).
     """
+    wire = wire or Wire()
     return EventStreamResponse(
-        Viewer(state.hub, gen_id, after, SSE, channel),
+        Viewer(state.hub, gen_id, after, wire.view, channel),
         state.hub.connections,
-        preamble=ev.RETRY_FRAME,
+        preamble=wire.preamble,
         status_code=status_code,
-        headers={"X-Generation-Id": gen_id},
+        headers={"X-Generation-Id": gen_id, **wire.headers},
         label=gen_id,
     )
 
@@ -294,7 +361,7 @@ def ensure_viewer_capacity(state: AppState) -> None:
 async def cancel(state: AppState, tenant: str, gen_id: str) -> str:
     outcome = await streams.request_cancel(state.redis, gen_id, tenant, state.settings.retention_s)
     if outcome == "missing":
-        raise NotFound("no such generation")
+        raise missing(state, gen_id)
     if outcome == "ended":
         raise Conflict("the generation has already ended", code="already_ended")
     if outcome == "requested":

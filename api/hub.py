@@ -121,5 +121,8 @@ class Hub:
         if len(entries) >= self._max_events // 2:
             channel.head_complete = False  # older entries may exist: viewers read them from Redis
         channel.loaded.set_result(None)
-        if channel.active:
+        # No owner: the generation does not exist (or has expired). Its joiners answer
+        # 404 or 410, and the reader never hears of it: a wake of its XREAD would create
+        # a key for a request that must change nothing.
+        if channel.active and channel.owner is not None:
             await self._reader.add(channel)

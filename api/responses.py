@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 from typing import Any
 
 from fastapi import Request
@@ -26,10 +25,11 @@ from tokenrelay.api.sse import Connection, EventStreamResponse
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys, streams
 from tokenrelay.shared.errors import Conflict
-from tokenrelay.shared.ids import new_generation_id
+from tokenrelay.shared.ids import is_generation_id, new_generation_id
 from tokenrelay.shared.redis import awaited, text
 
-_RESPONSE_ID = re.compile(r"^resp_([0-9a-f]{32})$")
+# This endpoint, as an Idempotency-Key's request fingerprint names it.
+ENDPOINT = "POST /v1/responses"
 # How long a cancel waits for the generation's end before answering with what it has.
 CANCEL_WAIT_S = 5.0
 # Entries per XRANGE page when a response is folded straight from Redis.
@@ -42,10 +42,10 @@ def response_id(gen_id: str) -> str:
 
 def generation_of(resp_id: str, param: str | None = None) -> str:
     """The generation a response id names; 404 (400 for a parameter) if malformed."""
-    match = _RESPONSE_ID.match(resp_id)
-    if match is None:
+    gen_id = "gen_" + resp_id.removeprefix("resp_")
+    if not resp_id.startswith("resp_") or not is_generation_id(gen_id):
         raise not_found(resp_id, param)
-    return f"gen_{match[1]}"
+    return gen_id
 
 
 def not_found(resp_id: str, param: str | None = None) -> OpenAIError:
@@ -94,8 +94,8 @@ async def create(state: AppState, tenant: str, request: response_request.Respons
     body = response_request.to_generation(request, model, earlier)
     gen_id = new_generation_id()
     head = response_request.head(request, response_id(gen_id), model, streams.now())
-    created = await generations.create(state, tenant, body, idempotency_key, gen_id=gen_id,
-                                       first_event={"response": head})
+    created = await generations.create(state, tenant, body, idempotency_key, endpoint=ENDPOINT,
+                                       gen_id=gen_id, first_event={"response": head})
     return created.id
 
 
@@ -135,11 +135,9 @@ def event_stream(state: AppState, gen_id: str, starting_after: int | None
     return EventStreamResponse(
         _AfterSequence(viewer, starting_after),
         state.hub.connections,
-        # A `retry:` line and its blank line are an event with empty data to the openai
-        # SDK, which fails to parse it: no preamble, and a plain end on shutdown (the
-        # client resumes after the last sequence_number it has, on another instance).
+        # No `retry:`: the openai SDK does not reconnect by itself; its user resumes with
+        # starting_after (also after the shutdown hint, a lone `retry:` line it ignores).
         preamble=b"",
-        drain=b"",
         headers={"X-Generation-Id": gen_id},
         label=gen_id,
     )

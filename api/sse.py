@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 PING = b": ping\n"
 # Written to every open stream when the process shuts down: reconnect soon (to
 # another instance, with Last-Event-ID) instead of waiting for the socket to drop.
-DRAIN = b": shutting down, reconnect\nretry: 250\n\n"
+# No blank line after it: an SSE parser applies ``retry:`` as it reads the line, and a
+# blank line would make lax ones (httpx-sse, fetch-event-source) yield an empty event.
+DRAIN = b": shutting down, reconnect\nretry: 250\n"
 MEDIA_TYPE = b"text/event-stream; charset=utf-8"
 _HEADERS = (
     (b"content-type", MEDIA_TYPE),
@@ -173,8 +175,7 @@ def tune_gc() -> tuple[int, int, int]:
 class EventStreamResponse(Response):
     """A ``text/event-stream`` ASGI response fed by a :class:`FrameSource` of encoded frames.
 
-    ``preamble`` (the ``retry:`` line) is written with the headers, ``drain`` (a
-    reconnect hint) last when the process shuts down. The source's
+    ``preamble`` (the ``retry:`` line) is written with the headers. The source's
     bytes are written as they come, one send per batch; after the source ends the
     response ends. Headers: ``Cache-Control: no-store`` and ``X-Accel-Buffering:
     no`` so that proxies neither cache nor buffer the stream.
@@ -188,7 +189,6 @@ class EventStreamResponse(Response):
         connections: Connections,
         *,
         preamble: bytes,
-        drain: bytes = DRAIN,
         status_code: int = 200,
         headers: Mapping[str, str] | None = None,
         label: str = "",
@@ -196,7 +196,6 @@ class EventStreamResponse(Response):
         self.source = source
         self.connections = connections
         self.preamble = preamble
-        self.drain = drain  # the last bytes when the process shuts down
         self.status_code = status_code
         self.label = label
         raw = [*_HEADERS]
@@ -255,7 +254,7 @@ class EventStreamResponse(Response):
                 return
             if conn.draining:
                 conn.send_started = loop.time()
-                await send({"type": "http.response.body", "body": (chunk or b"") + self.drain,
+                await send({"type": "http.response.body", "body": chunk + DRAIN if chunk else DRAIN,
                             "more_body": False})
                 return
             if chunk is None:

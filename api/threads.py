@@ -16,11 +16,11 @@ from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
 
 from tokenrelay.api import generations
 from tokenrelay.api.deps import AppState, Principal
 from tokenrelay.api.schemas import GenerationCreate, GenerationCreated, Message
-from tokenrelay.api.sse import EventStreamResponse
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys, streams
 from tokenrelay.shared import threads as store
@@ -126,13 +126,16 @@ def _check_model(state: AppState, model: str) -> None:
         raise BadRequest(problem, code="unknown_model")
 
 
-async def create(state: AppState, tenant: str, body: ThreadCreate) -> ThreadCreated:
+async def create(state: AppState, tenant: str, body: ThreadCreate,
+                 thread_id: str | None = None) -> ThreadCreated:
+    """A new thread; ``thread_id`` names it (Conflict if it exists: it is left as it is)."""
     model = body.model or state.settings.default_model
     _check_model(state, model)
     _check_content(state, "system", body.system or "")
     thread = await store.create(state.redis, tenant, system=body.system or "", model=model,
                                 metadata=body.metadata,
-                                retention_s=state.settings.thread_retention_s)
+                                retention_s=state.settings.thread_retention_s,
+                                thread_id=thread_id)
     logger.info("created thread_id=%s tenant=%s", thread.id, tenant)
     return ThreadCreated(id=thread.id, created_at=thread.created_at, model=thread.model,
                          metadata=thread.metadata, stream_token=state.tokens.issue(thread.id))
@@ -265,7 +268,7 @@ async def _cancel(state: AppState, tenant: str, gen_id: str) -> None:
 
 async def active_stream(
     state: AppState, who: Principal, thread_id: str, after: ev.StreamId | None
-) -> EventStreamResponse | None:
+) -> Response | None:
     """The event stream of the thread's active generation; None (204) if none is active.
 
     A generation that has ended but not yet left the slot is still streamed to a

@@ -35,7 +35,10 @@ TERMINAL_TYPES = frozenset(STATUS_AFTER)
 TERMINAL_STATUSES = frozenset(STATUS_AFTER.values())
 EVENT_TYPES = frozenset({STATUS, DELTA}) | TERMINAL_TYPES
 
-RETRY_FRAME = b"retry: 1000\n\n"
+# The reconnection time, written first with no blank line after it: it joins the first
+# event's block. A block of ``retry:`` alone dispatches nothing in the SSE spec, but
+# httpx-sse and fetch-event-source yield it as an event with empty data.
+RETRY_FRAME = b"retry: 1000\n"
 
 _ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 _MAX_U64 = 2**64 - 1

@@ -12,8 +12,9 @@ from tokenrelay.shared.redis import Script
 
 _EXPIRE_ALL = "for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], {ttl}) end"
 
-# KEYS: meta ; ARGV: ttl field value ...
+# KEYS: meta ; ARGV: ttl field value ... Returns 0 (and changes nothing) if it exists.
 CREATE = Script("""
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1

@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys, limits, streams, thread_index
 from tokenrelay.shared import thread_scripts as scripts
+from tokenrelay.shared.errors import Conflict
 from tokenrelay.shared.redis import awaited, text
 from tokenrelay.shared.usage import record as count_usage
 
@@ -164,16 +165,18 @@ def _thread_of(thread_id: str, raw_meta: dict[Any, Any]) -> Thread:
 
 async def create(
     redis: Redis, tenant: str, *, system: str, model: str, metadata: dict[str, str] | None,
-    retention_s: int,
+    retention_s: int, thread_id: str | None = None,
 ) -> Thread:
-    """Record a new, empty thread of ``tenant`` and list it."""
-    thread_id = new_thread_id()
+    """Record a new, empty thread of ``tenant`` and list it; ``thread_id`` names it (a
+    Conflict if that thread exists: it is left as it is)."""
+    thread_id = thread_id or new_thread_id()
     now = streams.now()
     mapping = {"tenant": tenant, "created_at": str(now), "updated_at": str(now),
                "system": system, "model": model, "metadata": json.dumps(metadata or {}),
                "active": "", "ttl": str(retention_s)}
     fields = [item for pair in mapping.items() for item in pair]
-    await scripts.CREATE(redis, [keys.thread_meta(thread_id)], retention_s, *fields)
+    if not await scripts.CREATE(redis, [keys.thread_meta(thread_id)], retention_s, *fields):
+        raise Conflict(f"thread {thread_id} exists", code="thread_exists")
     await thread_index.touch(redis, tenant, thread_id, now, retention_s)
     return _thread_of(thread_id, mapping)
 

@@ -86,11 +86,13 @@ def test_tampered_or_expired_token_is_401(auth_stack: Stack) -> None:
 
 
 def test_generation_ids_carry_128_random_bits(auth_stack: Stack) -> None:
-    """Ids are gen_ + 32 hex digits (128 bits) and differ every time."""
+    """Ids are gen_ + the creation time (12 hex digits) + 32 random hex digits (128 bits),
+    and differ every time."""
     ids = {create(auth_stack.url, headers=ACME, model="fake:echo", prompt="x")["id"]
            for _ in range(5)}
     assert len(ids) == 5
-    assert all(len(i) == 36 and int(i[4:], 16) >= 0 for i in ids)
+    assert all(len(i) == 48 and int(i[4:], 16) >= 0 for i in ids)
+    assert len({i[16:] for i in ids}) == 5  # the random parts
 
 
 def test_body_over_the_limit_is_413(auth_stack: Stack) -> None:

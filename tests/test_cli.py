@@ -237,7 +237,7 @@ def test_chat_summary_has_usage_first_token_and_id(cli_stack: Stack) -> None:
     summary = cli.err.text.strip().splitlines()[-1]
     assert re.fullmatch(
         r"\[completed · stop · \d+ prompt \+ 3 completion tokens · first token \d+ ms · "
-        r"gen_[0-9a-f]{32}\]", summary), summary
+        r"gen_[0-9a-f]{44}\]", summary), summary
 
 
 def test_spinner_only_on_a_terminal(cli_stack: Stack) -> None:

@@ -277,7 +277,7 @@ def test_heartbeat_comment_while_idle() -> None:
                 seen += chunk
                 if ": ping" in seen:
                     break
-        assert seen.startswith("retry: 1000\n\n")
+        assert seen.startswith("retry: 1000\nid: ")  # one block with the first event
         assert ": ping\n" in seen
     finally:
         s.stop()

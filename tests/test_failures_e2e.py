@@ -159,7 +159,7 @@ def test_api_sigterm_ends_streams_with_a_reconnect_hint() -> None:
                 received += chunk
                 if received.count(b"event: delta") >= 5 and s.apis[0].alive():
                     s.apis[0].popen.send_signal(signal.SIGTERM)
-        assert received.endswith(b": shutting down, reconnect\nretry: 250\n\n")
+        assert received.endswith(b": shutting down, reconnect\nretry: 250\n")
         wait_for(lambda: not s.apis[0].alive(), 10, what="the API process to exit")
         from tokenrelay.shared.events import parse_sse
         first = parse_sse(received.decode())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -19,9 +20,10 @@ import httpx
 import openai
 import pytest
 
+from tests.cli.terminal import Cli, clean_env, run
 from tests.client import collect, create, status, text_of
 from tests.llama_server import MISSING, MODEL, LlamaServer, chat_direct
-from tests.stack import Stack, wait_for
+from tests.stack import ROOT, Stack, wait_for
 from tests.tcp_proxy import TcpProxy
 from tokenrelay.cli.redis_server import free_port
 from tokenrelay.shared.events import Event
@@ -215,3 +217,32 @@ def test_openai_sdk_on_the_facade_streams_the_models_text(stack: Stack,
     assert text == direct["text"] != ""
     assert finish == direct["finish_reason"]
     assert f"openai:{MODEL}" in [m.id for m in client.models.list()]
+
+
+def test_the_readme_recipe_for_a_local_llama_cpp_server_works_as_written(proxy: TcpProxy) -> None:
+    """The README's "local Ollama or llama.cpp server" recipe, followed as written with its
+    llama.cpp line (this server's port in place of the recipe's 8080): `tokenrelay dev` with
+    those exports, then `tokenrelay chat "..."` in another terminal answers with the model's
+    text, through one call to the server."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("**A local Ollama or llama.cpp server**")
+    block = readme[start : readme.index("```\n", readme.index("```sh", start) + 5)]
+    exports = dict(re.findall(r"^#?\s*export (\w+)=(\S+)", block, re.M))  # llama.cpp's line last
+    assert exports["TOKENRELAY_OPENAI_BASE_URL"] == "http://127.0.0.1:8080/v1", exports
+    prompt = re.findall(r'^tokenrelay chat "([^"]+)"$', block, re.M)[-1]
+    exports["TOKENRELAY_OPENAI_BASE_URL"] = proxy.base_url
+    port = free_port()
+    dev = Cli("dev", "--port", str(port), new_session=True, env=clean_env(**exports))
+    try:
+        dev.wait_until(lambda c: "tokenrelay is running at" in c.out.text, "dev to start", 60)
+        sent = proxy.requests
+        chat = run("chat", prompt, timeout=180,
+                   env=clean_env(TOKENRELAY_URL=f"http://127.0.0.1:{port}"))
+        assert chat.popen.returncode == 0, chat.err.text
+        assert chat.stdout.strip(), chat.err.text
+        assert "completed" in chat.err.text and exports["TOKENRELAY_DEFAULT_MODEL"] != "fake:echo"
+        assert proxy.requests == sent + 1
+    finally:
+        if dev.popen.poll() is None:
+            os.killpg(dev.popen.pid, signal.SIGINT)
+        dev.wait(30)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 
 from tokenrelay.api import generations
-from tokenrelay.api.deps import GenerationId, Reader, State, Tenant
+from tokenrelay.api.deps import GenerationId, Principal, Reader, State, Tenant
 from tokenrelay.api.schemas import GenerationCreate, GenerationCreated, GenerationStatus
 from tokenrelay.api.sse import EventStreamResponse
 
@@ -17,6 +17,7 @@ _ERRORS: dict[int | str, dict[str, str]] = {
     400: {"description": "Bad input (invalid JSON, unknown model, malformed event id)"},
     401: {"description": "No or bad credentials"},
     404: {"description": "Unknown generation, or not yours"},
+    410: {"description": "The generation expired: its retention is over"},
     422: {"description": "Body fails the schema"},
 }
 
@@ -34,13 +35,23 @@ async def create_generation(
     state: State,
     tenant: Tenant,
     idempotency_key: Annotated[str | None, Header()] = None,
-) -> GenerationCreated | EventStreamResponse:
-    """Queue a generation. With `Accept: text/event-stream`, answer with its event stream."""
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> GenerationCreated | Response:
+    """Queue a generation. With `Accept: text/event-stream`, answer with its event stream.
+
+    Sent again with the same `Idempotency-Key` and a `Last-Event-ID`, the stream goes
+    on after that event (204 if it was the last); a `Last-Event-ID` without the key is
+    a 400 `idempotency_key_required`.
+    """
     wants_stream = "text/event-stream" in request.headers.get("accept", "")
+    after = generations.resume_position(last_event_id, idempotency_key)
     if wants_stream:
         generations.ensure_viewer_capacity(state)
-    created = await generations.create(state, tenant, body, idempotency_key)
+    created, replayed = await generations.create_or_replay(state, tenant, body, idempotency_key)
     if wants_stream:
+        if replayed and after is not None:
+            return await generations.open_event_stream(state, Principal(tenant), created.id,
+                                                       after)
         return generations.event_stream(state, created.id, None)
     response.headers["Location"] = f"/v1/generations/{created.id}"
     return created
@@ -55,7 +66,8 @@ async def get_generation(gen_id: GenerationId, state: State, who: Reader) -> Gen
 
 @router.get(
     "/{gen_id}/events",
-    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}},
+               204: {"description": "Resumed at or past the terminal event: nothing more"}},
     response_class=EventStreamResponse,
 )
 async def stream_events(
@@ -64,7 +76,7 @@ async def stream_events(
     who: Reader,
     after: Annotated[str | None, Query(description="resume after this event id")] = None,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> EventStreamResponse:
+) -> Response:
     """Replay every event after `Last-Event-ID` (or `?after=`), follow live, end after the last."""
     resume_after = generations.parse_after(last_event_id, after)
     return await generations.open_event_stream(state, who, gen_id, resume_after)

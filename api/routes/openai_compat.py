@@ -22,12 +22,14 @@ from tokenrelay.api.channel import events_after
 from tokenrelay.api.deps import AppState, State, Tenant
 from tokenrelay.api.openai_errors import OpenAIError
 from tokenrelay.api.openai_response import HEARTBEAT, ChunkStream, Completion, with_heartbeat
-from tokenrelay.shared.events import Event
+from tokenrelay.shared.events import Event, StreamId
 from tokenrelay.shared.models import available_models, check_model
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
+# This endpoint, as an Idempotency-Key's request fingerprint names it.
+ENDPOINT = "POST /v1/chat/completions"
 
 _REQUEST_BODY: dict[str, Any] = {
     "requestBody": {
@@ -57,18 +59,28 @@ async def chat_completions(
     state: State,
     tenant: Tenant,
     idempotency_key: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """OpenAI Chat Completions over tokenrelay: `stream: true` for chunks, else one completion."""
+    """OpenAI Chat Completions over tokenrelay: `stream: true` for chunks, else one completion.
+
+    A stream sent again with the same `Idempotency-Key` and a `Last-Event-ID` (the `id:`
+    of the last chunk received) goes on after it; 204 if nothing is left.
+    """
+    after = generations.resume_position(last_event_id, idempotency_key)
     body = openai_request.parse(await request.body())
     native = openai_request.to_generation(body, state.settings)
-    created = await generations.create(state, tenant, native, idempotency_key)
+    created, replayed = await generations.create_or_replay(state, tenant, native,
+                                                           idempotency_key, endpoint=ENDPOINT)
     # The generation's id and read-only stream token, for clients that know tokenrelay:
     # resume through /v1/generations/{id}/events, share a live view with ?token=.
     headers = {"X-Generation-Id": created.id, "X-Stream-Token": created.stream_token}
     if body.stream:
+        resume = after if replayed else None
+        if resume is not None and await generations.ended_at(state, created.id, resume):
+            return Response(status_code=204, headers=headers)
         view = ChunkStream(created.id, body.model, int(created.created_at), body.include_usage)
         return EventSourceResponse(
-            _chunk_frames(state, created.id, view),
+            _chunk_frames(state, created.id, view, resume),
             headers=headers,
             ping=0,  # our own heartbeat: see api.openai_response.HEARTBEAT
             send_timeout=state.settings.send_timeout_s,
@@ -85,19 +97,21 @@ async def chat_completions(
 
 
 def _events(
-    state: AppState, gen_id: str
+    state: AppState, gen_id: str, after: StreamId | None = None
 ) -> contextlib.aclosing[AsyncGenerator[Event | None, None]]:
-    """The generation's typed events from its start, None after each quiet HEARTBEAT_S.
+    """The generation's typed events after ``after`` (None: from its start), None after
+    each quiet HEARTBEAT_S.
 
     Closing it (on leaving the ``async with``) leaves the hub at once.
     """
-    events = events_after(state.hub, gen_id, None)
+    events = events_after(state.hub, gen_id, after)
     return contextlib.aclosing(with_heartbeat(events, state.settings.heartbeat_s))
 
 
-async def _chunk_frames(state: AppState, gen_id: str, view: ChunkStream) -> AsyncIterator[bytes]:
+async def _chunk_frames(state: AppState, gen_id: str, view: ChunkStream,
+                        after: StreamId | None = None) -> AsyncIterator[bytes]:
     try:
-        async with _events(state, gen_id) as events:
+        async with _events(state, gen_id, after) as events:
             async for event in events:
                 if event is None:
                     yield HEARTBEAT

@@ -85,8 +85,14 @@ async def post_message(
     response: Response,
     state: State,
     tenant: Tenant,
+    last_event_id: Annotated[str | None, Header()] = None,
 ) -> threads.MessageCreated | EventStreamResponse:
-    """Add a user message and answer it with the thread's history as context."""
+    """Add a user message and answer it with the thread's history as context.
+
+    A re-sent message (`Last-Event-ID`, an auto-retrying SSE client) is refused with 400
+    `idempotency_key_required` rather than posted twice: resume with `GET …/stream`.
+    """
+    generations.resume_position(last_event_id, None)
     wants_stream = "text/event-stream" in request.headers.get("accept", "")
     if wants_stream:
         generations.ensure_viewer_capacity(state)

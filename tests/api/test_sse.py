@@ -60,7 +60,7 @@ async def test_stalled_viewer_is_cut_and_the_others_get_everything(api: Api) -> 
     expected = [eid.decode() for eid, _ in await api.redis.xrange(keys.events(gen_id))]
     for viewer in healthy:
         await viewer.read_to_end()
-        assert viewer.data.partition(b"\r\n\r\n")[2].startswith(b"d\r\nretry: 1000\n\n")
+        assert viewer.data.partition(b"\r\n\r\n")[2].startswith(b"c\r\nretry: 1000\n")
         assert viewer.data.endswith(b"0\r\n\r\n")  # the response ends after the terminal event
         assert [e.id for e in viewer.events()] == expected
     await until(lambda: api.hub.viewer_count == 0 and len(api.hub.connections) == 0,

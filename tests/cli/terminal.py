@@ -131,7 +131,7 @@ def run(*args: str, timeout: float = 60, **options: Any) -> Cli:
 
 
 def gen_id_in(stderr: str) -> str:
-    found = re.findall(r"gen_[0-9a-f]{32}", stderr)
+    found = re.findall(r"gen_[0-9a-f]{44}", stderr)
     assert found, f"no generation id in: {stderr!r}"
     return found[-1]
 
