@@ -75,6 +75,28 @@ def test_a_background_stream_dropped_after_k_events_resumes_on_the_other_process
         assert dumped(first.responses.retrieve(resp_id, stream=True)) == head + rest
 
 
+def test_a_stream_whose_api_process_stops_ends_quietly_and_resumes_elsewhere(
+        stack: Stack) -> None:
+    """SIGTERM the API process serving a stream: the SDK's iteration ends without an error
+    (no event it cannot parse), and the rest comes from another process, exactly once."""
+    leaving = stack.add_api()
+    url = stack.urls[-1]
+    stack.wait_ready(url)
+    with openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0) as doomed, \
+            client(stack, 0) as survivor:
+        head = []
+        for event in doomed.responses.create(model="fake:lorem", input="x", stream=True,
+                                             max_output_tokens=300):
+            head.append(event.model_dump(exclude_unset=True))
+            if len(head) == 5:
+                leaving.stop()  # SIGTERM: the API ends its streams, then exits
+        assert head[-1]["type"] != "response.incomplete"  # it ended before the response
+        rest = dumped(survivor.responses.retrieve(head[0]["response"]["id"], stream=True,
+                                                  starting_after=head[-1]["sequence_number"]))
+        assert [e["sequence_number"] for e in head + rest] == list(range(len(head + rest)))
+        assert rest[-1]["type"] == "response.incomplete"  # max_output_tokens reached
+
+
 async def test_non_stream_and_stream_creates_give_the_same_text(stack: Stack) -> None:
     """The async SDK: a plain create, a streamed create and the stream helper (on the other
     process) agree with each other and with the deterministic fake:echo."""
