@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Request
 
 from tokenrelay.api import generations, response_request
-from tokenrelay.api.channel import Viewer, events_after
+from tokenrelay.api.channel import Channel, Viewer, events_after
 from tokenrelay.api.deps import AppState
 from tokenrelay.api.openai_errors import OpenAIError
 from tokenrelay.api.openai_response import with_heartbeat
@@ -124,14 +124,47 @@ class _AfterSequence:
         await self.viewer.aclose()
 
 
-def event_stream(state: AppState, gen_id: str, starting_after: int | None
-                 ) -> EventStreamResponse:
+async def open_stream(state: AppState, tenant: str, gen_id: str,
+                      starting_after: int | None) -> EventStreamResponse:
+    """The stream of a response of ``tenant``'s (404 otherwise; 503 at the viewer limit).
+
+    Authorised through the hub, as native streams are: the channel that loads the
+    stream's tail also loads its owner, and holds its first event unless the stream is
+    long, so a stream this process already serves costs Redis nothing more per viewer.
+    """
+    channel = await state.hub.join(gen_id)
+    try:
+        if channel.owner != tenant or not await _made_as_response(state, channel):
+            raise not_found(response_id(gen_id))
+        generations.ensure_viewer_capacity(state)
+    except BaseException:
+        state.hub.leave(channel)
+        raise
+    return event_stream(state, gen_id, starting_after, channel)
+
+
+async def _made_as_response(state: AppState, channel: Channel) -> bool:
+    """Whether the channel's generation was created by POST /v1/responses (its first
+    event carries the response's fields)."""
+    if channel.head_complete and channel.base == 0 and channel.events:
+        first = channel.events[0]
+    else:  # the channel holds a tail only: read the first event
+        entries = await state.redis.xrange(keys.events(channel.gen_id), count=1)
+        if not entries:
+            return False
+        first = ev.decode_entry(*entries[0])
+    return first.type == ev.STATUS and isinstance(first.data.get("response"), dict)
+
+
+def event_stream(state: AppState, gen_id: str, starting_after: int | None,
+                 channel: Channel | None = None) -> EventStreamResponse:
     """The response's events from the first after ``starting_after``, live, to its end.
 
     The frames are the fold's from the stream's start (shared by this process's viewers);
-    the ones a client has already seen are skipped here.
+    the ones a client has already seen are skipped here. ``channel``: the viewer's hub
+    registration, when the caller has joined already.
     """
-    viewer = Viewer(state.hub, gen_id, None, RESPONSES)
+    viewer = Viewer(state.hub, gen_id, None, RESPONSES, channel)
     return EventStreamResponse(
         _AfterSequence(viewer, starting_after),
         state.hub.connections,
@@ -176,15 +209,3 @@ async def cancel(state: AppState, tenant: str, resp_id: str) -> dict[str, Any]:
         await generations.cancel(state, tenant, gen_id)
     after = await follow(state, gen_id, wait_s=CANCEL_WAIT_S)
     return (after or folded).response()
-
-
-async def is_response_of(state: AppState, tenant: str, gen_id: str) -> bool:
-    """Whether ``gen_id`` is a response of ``tenant``'s (two reads, one round trip)."""
-    async with state.redis.pipeline(transaction=False) as pipe:
-        pipe.hget(keys.meta(gen_id), "tenant")
-        pipe.xrange(keys.events(gen_id), count=1)
-        owner, first = await pipe.execute()
-    if owner is None or text(owner) != tenant or not first:
-        return False
-    event = ev.decode_entry(*first[0])
-    return event.type == ev.STATUS and isinstance(event.data.get("response"), dict)

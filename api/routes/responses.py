@@ -75,10 +75,7 @@ async def retrieve_response(
         folded, _ = await responses.read(state, tenant, response_id)
         return JSONResponse(folded.response())
     gen_id = responses.generation_of(response_id)
-    if not await responses.is_response_of(state, tenant, gen_id):
-        raise responses.not_found(response_id)
-    generations.ensure_viewer_capacity(state)
-    return responses.event_stream(state, gen_id, starting_after)
+    return await responses.open_stream(state, tenant, gen_id, starting_after)
 
 
 @router.post("/{response_id}/cancel", responses=_ERRORS)
