@@ -233,6 +233,45 @@ def test_markdown_is_drawn_and_markup_stays_text(web_stack: Stack, pages: Pages)
     assert text_in(answer) == stored["content"]
 
 
+_UNSAFE = '<span class="unsafe-link" title="link not followed (only http, https and mailto links are)">'
+_A = '<a href="{}" target="_blank" rel="noopener noreferrer nofollow">'
+MARKDOWN = {
+    "[a](javascript:alert%281%29) [b](JaVaScRiPt:x) [c](data:text/html,x) [d](//evil.example/) "
+    "<javascript:x>":
+        f"<p>{_UNSAFE}a</span> {_UNSAFE}b</span> {_UNSAFE}c</span> {_UNSAFE}d</span> "
+        "&lt;javascript:x&gt;</p>",
+    "[ok](https://ok.example/x?y=1&z=2) <https://a.example> see https://b.example/p.":
+        f"<p>{_A.format('https://ok.example/x?y=1&amp;z=2')}ok</a> "
+        f"{_A.format('https://a.example/')}https://a.example</a> "
+        f"see {_A.format('https://b.example/p')}https://b.example/p</a>.</p>",
+    "![pic](https://x.example/y.png)": f"<p>{_A.format('https://x.example/y.png')}pic</a></p>",
+    "```js\nlet a = '<b>';": "<pre><code data-lang=\"js\">let a = '&lt;b&gt;';</code></pre>",
+    "a_b_c and *a **b** c*": "<p>a_b_c and <em>a <strong>b</strong> c</em></p>",
+    "<b>x</b> &amp; <script>alert(1)</script>":
+        "<p>&lt;b&gt;x&lt;/b&gt; &amp;amp; &lt;script&gt;alert(1)&lt;/script&gt;</p>",
+    "# Title\n- one\n- `two`\n\n3. three\n4. four\n> quoted *text*\n\n---\nline one\nline two":
+        "<h3>Title</h3><ul><li>one</li><li><code>two</code></li></ul>"
+        '<ol start="3"><li>three</li><li>four</li></ol>'
+        "<blockquote><p>quoted <em>text</em></p></blockquote><hr><p>line one<br>line two</p>",
+    "``code with ` tick`` and \\*not em\\*": "<p><code>code with ` tick</code> and *not em*</p>",
+}
+
+
+def test_markdown_module_builds_only_safe_elements(web_stack: Stack, pages: Pages) -> None:
+    """markdown.js on the cases that matter: unsafe link schemes and relative links are not
+    links, images are links (no remote load), markup is text, an unclosed fence is code."""
+    page = pages.new(web_stack.url + "/")
+    drawn = page.evaluate("""async (cases) => {
+      const { renderMarkdown } = await import("/static/markdown.js");
+      return cases.map((c) => {
+        const box = document.createElement("div");
+        box.append(renderMarkdown(c));
+        return box.innerHTML;
+      });
+    }""", list(MARKDOWN))
+    assert dict(zip(MARKDOWN, drawn, strict=True)) == MARKDOWN
+
+
 def test_reload_mid_answer_restores_the_thread_and_resumes(web_stack: Stack,
                                                            pages: Pages) -> None:
     """Reload in the middle of the second answer: the history comes back, the answer goes on
