@@ -349,8 +349,8 @@ def test_page_resumes_after_its_api_process_restarts(web_stack: Stack, pages: Pa
     """Kill the API the page streams from, start it again on the same port: the page resumes
     (the browser's own reconnection, with Last-Event-ID) and ends with the full text, once."""
     page = pages.new(web_stack.url + "/")
-    first = send(page, "Show me a shell loop, **briefly**:\n```sh\nfor f in *.md; do wc -l "
-                       "\"$f\"; done\n```", "fake:echo")
+    first = send(page, "A shell loop, **briefly**:\n```sh\nfor f in *.md; do wc -l \"$f\"; done\n"
+                       "```\nThen `sort -n` it.", "fake:echo")
     finished(page, first, "completed")
     answer = send(page, "Keep streaming while I restart the server", "fake:lorem",
                   max_tokens=600)
@@ -365,6 +365,7 @@ def test_page_resumes_after_its_api_process_restarts(web_stack: Stack, pages: Pa
 
     expect(page.locator("#conn")).to_have_attribute("data-state", "resumed")
     assert answer.get_attribute("data-status") == "running"
+    page.eval_on_selector("#messages", "box => { box.scrollTop = 0; }")  # the whole exchange
     path = pages.shot(page, "resumed")
     if os.environ.get("TOKENRELAY_DOCS_SCREENSHOTS"):
         shutil.copyfile(path, DOCS_SHOT)

@@ -28,7 +28,7 @@ function updateControls() {
   show("stop", busy && !conv.readOnly);
   if (!busy) $("stop").disabled = false;
   show("empty", $("messages").childElementCount === 0 && !(conv && conv.readOnly));
-  if (conv && conv.thread) $("thread-title").textContent = conv.thread.title;
+  $("thread-title").textContent = conv ? conv.title : "";
   if (conv) {
     const link = $("share-link");
     link.href = conv.shareUrl;

@@ -30,6 +30,13 @@ export class Conversation {
     return Boolean(this.answer && !this.answer.done);
   }
 
+  /** The start of its first message, as the API titles a thread. */
+  get title() {
+    if (this.thread && this.thread.title) return this.thread.title;
+    const first = this.bubbles.values().next().value;
+    return first ? first.text.split(/\s+/).join(" ").trim().slice(0, 80) : "";
+  }
+
   get shareUrl() {
     const url = new URL("/", location.origin);
     url.searchParams.set("view", this.id);
