@@ -1,7 +1,6 @@
-"""The chat page at ``/`` in a real browser: Debian's chromium driven by Playwright (never a
-downloaded browser), against one stack with API keys on. Screenshots go to build/screenshots/;
-with TOKENRELAY_DOCS_SCREENSHOTS=1 the one used in the README is also written to
-docs/screenshot-web.png.
+"""The chat page at ``/`` in a real browser (tests/browser.py), against one stack with API keys
+on. Screenshots go to build/screenshots/; with TOKENRELAY_DOCS_SCREENSHOTS=1 the one used in
+the README is also written to docs/screenshot-web.png.
 """
 
 from __future__ import annotations
@@ -10,49 +9,27 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, MISSING, TIMEOUT_MS, Pages
 from tests.stack import ROOT, Stack, wait_for
 
-CHROMIUM = Path(os.environ.get("TOKENRELAY_CHROMIUM", "/usr/bin/chromium"))
-# The flags this machine needs: no sandbox as root, and no background traffic to the outside.
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-SHOTS = ROOT / "build" / "screenshots"
 DOCS_SHOT = ROOT / "docs" / "screenshot-web.png"
-TIMEOUT_MS = 20_000
 KEY = "k-acme"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+WITH_KEY = f"sessionStorage.setItem('tokenrelay.apiKey', '{KEY}')"  # as a user who typed it
 LAST_ANSWER = ".msg[data-role=assistant] >> nth=-1"
 
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
-def _browser_missing() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the Python package 'playwright' is not installed (pip install -e '.[test]')"
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)"
-    return None
-
-
-_MISSING = _browser_missing()
-if _MISSING and os.environ.get("CI"):
-    # CI installs chromium; a skip there would hide that the browser test never ran.
-    raise RuntimeError(f"browser test cannot run in CI: {_MISSING}")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
-
-if _MISSING is None:
+if MISSING is None:
     from playwright.sync_api import expect, sync_playwright
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, BrowserContext, Locator, Page, Route
+    from playwright.sync_api import Browser, Locator, Page
 
 
 @pytest.fixture(scope="module")
@@ -78,50 +55,6 @@ def browser() -> Iterator[Browser]:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
         b.close()
-
-
-class Pages:
-    """Fresh browser contexts (one per person), each page checked for script errors at the end."""
-
-    def __init__(self, browser: Browser, name: str):
-        self.browser = browser
-        self.name = name
-        self.contexts: list[BrowserContext] = []
-        self.errors: list[str] = []
-        self.blocked: list[str] = []
-
-    def new(self, url: str, offline: bool = False, key: bool = True) -> Page:
-        """A page in a fresh context, holding the API key (``key``) as a user who typed it;
-        ``offline``: every request to a host other than 127.0.0.1 is aborted (and listed in
-        ``self.blocked``), as on a machine without internet."""
-        context = self.browser.new_context(viewport={"width": 1100, "height": 900})
-        self.contexts.append(context)
-        if key:
-            context.add_init_script(f"sessionStorage.setItem('tokenrelay.apiKey', '{KEY}')")
-        if offline:
-            context.route("**/*", self._local_only)
-        page = context.new_page()
-        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
-        page.goto(url)
-        return page
-
-    def _local_only(self, route: Route) -> None:
-        url = route.request.url
-        if url.startswith("data:") or urlsplit(url).hostname == "127.0.0.1":
-            route.continue_()
-        else:
-            self.blocked.append(url)
-            route.abort()
-
-    def shot(self, page: Page, label: str) -> Path:
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        path = SHOTS / f"{self.name}-{label}.png"
-        page.screenshot(path=str(path))
-        return path
-
-    def close(self) -> None:
-        for context in self.contexts:
-            context.close()
 
 
 @pytest.fixture
@@ -189,7 +122,7 @@ def test_a_message_streams_into_a_bubble_and_is_the_threads_answer(web_stack: St
                                                                     pages: Pages) -> None:
     """Tokens appear one by one while running, the final text equals the thread's stored answer,
     the new thread heads the list, and the page asks nothing of another host."""
-    page = pages.new(web_stack.url + "/", offline=True)
+    page = pages.new(web_stack.url + "/", offline=True, init_script=WITH_KEY)
     answer = send(page, "hello", "fake:lorem", max_tokens=60)
     expect(page.locator("#conn")).to_have_attribute("data-state", "live")
     wait_for(lambda: tokens_in(answer) >= 3, 20, what="first tokens on the page")
@@ -213,7 +146,7 @@ def test_a_message_streams_into_a_bubble_and_is_the_threads_answer(web_stack: St
 def test_markdown_is_drawn_and_markup_stays_text(web_stack: Stack, pages: Pages) -> None:
     """An answer's code block, inline code, emphasis and safe links become elements; HTML in
     the prompt and the answer, and a javascript: link, never do."""
-    page = pages.new(web_stack.url + "/")
+    page = pages.new(web_stack.url + "/", init_script=WITH_KEY)
     prompt = ("Try `ls` and **this**:\n```sh\necho '<b>hi</b>'\n```\n"
               '<img src=x onerror="document.title=1"> <script>document.title=2</script> '
               "[docs](https://example.com/d) [bad](javascript:document.title=3)")
@@ -260,7 +193,7 @@ MARKDOWN = {
 def test_markdown_module_builds_only_safe_elements(web_stack: Stack, pages: Pages) -> None:
     """markdown.js on the cases that matter: unsafe link schemes and relative links are not
     links, images are links (no remote load), markup is text, an unclosed fence is code."""
-    page = pages.new(web_stack.url + "/")
+    page = pages.new(web_stack.url + "/", init_script=WITH_KEY)
     drawn = page.evaluate("""async (cases) => {
       const { renderMarkdown } = await import("/static/markdown.js");
       return cases.map((c) => {
@@ -276,7 +209,7 @@ def test_reload_mid_answer_restores_the_thread_and_resumes(web_stack: Stack,
                                                            pages: Pages) -> None:
     """Reload in the middle of the second answer: the history comes back, the answer goes on
     from where the page was (?after=, no replay), and ends as the thread stored it, once."""
-    page = pages.new(web_stack.url + "/")
+    page = pages.new(web_stack.url + "/", init_script=WITH_KEY)
     first = send(page, "one", "fake:echo")
     finished(page, first, "completed")
     answer = send(page, "two", "fake:lorem", max_tokens=150)
@@ -302,7 +235,7 @@ def test_reload_mid_answer_restores_the_thread_and_resumes(web_stack: Stack,
 def test_stop_cancels_the_answer(web_stack: Stack, pages: Pages) -> None:
     """Stop mid-answer: it ends cancelled, the page keeps exactly the text the thread keeps,
     and Send comes back."""
-    page = pages.new(web_stack.url + "/")
+    page = pages.new(web_stack.url + "/", init_script=WITH_KEY)
     answer = send(page, "stop me", "fake:lorem", max_tokens=1000)
     wait_for(lambda: tokens_in(answer) >= 5, 20, what="tokens before stop")
     page.click("#stop")
@@ -319,13 +252,13 @@ def test_share_link_is_a_live_read_only_view_of_the_thread(web_stack: Stack,
                                                            pages: Pages) -> None:
     """Someone without a key opens the share link: the thread so far, the answer live, then the
     next message as it is sent; nothing to type into."""
-    owner = pages.new(web_stack.url + "/")
+    owner = pages.new(web_stack.url + "/", init_script=WITH_KEY)
     answer = send(owner, "share me", "fake:lorem", max_tokens=150)
     link = owner.locator("#share-link").get_attribute("href") or ""
     query = parse_qs(urlsplit(link).query)
     assert query["view"] == [thread_id(owner)] and query["token"]
 
-    viewer = pages.new(link, key=False)
+    viewer = pages.new(link)
     expect(viewer.locator("#viewer-note")).to_be_visible()
     for hidden in ("#composer", "#sidebar", "#stop", "#share"):
         expect(viewer.locator(hidden)).to_be_hidden()
@@ -348,7 +281,7 @@ def test_share_link_is_a_live_read_only_view_of_the_thread(web_stack: Stack,
 def test_page_resumes_after_its_api_process_restarts(web_stack: Stack, pages: Pages) -> None:
     """Kill the API the page streams from, start it again on the same port: the page resumes
     (the browser's own reconnection, with Last-Event-ID) and ends with the full text, once."""
-    page = pages.new(web_stack.url + "/")
+    page = pages.new(web_stack.url + "/", init_script=WITH_KEY)
     first = send(page, "A shell loop, **briefly**:\n```sh\nfor f in *.md; do wc -l \"$f\"; done\n"
                        "```\nThen `sort -n` it.", "fake:echo")
     finished(page, first, "completed")
@@ -384,7 +317,7 @@ def test_a_share_link_that_reads_nothing_says_so(web_stack: Stack, pages: Pages)
     """A link to an unknown thread or answer, or with a bad token, ends with a clear message,
     not endless reconnecting."""
     for view in (f"thr_{'0' * 32}", f"gen_{'0' * 32}"):
-        page = pages.new(f"{web_stack.url}/?view={view}&token=nope", key=False)
+        page = pages.new(f"{web_stack.url}/?view={view}&token=nope")
         expect(page.locator("#page-error")).to_contain_text("invalid or expired stream token")
         expect(page.locator("#conn")).to_have_attribute("data-state", "ended")
 
@@ -412,7 +345,7 @@ def test_redoc_renders_without_internet(web_stack: Stack, pages: Pages) -> None:
 
 def test_a_failed_generation_is_not_a_dropped_connection(web_stack: Stack, pages: Pages) -> None:
     """The stream's own `error` event ends the answer as failed; it is not counted as a drop."""
-    page = pages.new(web_stack.url + "/")
+    page = pages.new(web_stack.url + "/", init_script=WITH_KEY)
     answer = send(page, "fail please", "fake:error")
     finished(page, answer, "failed")
     expect(answer.locator(".error")).to_contain_text("upstream_error")
@@ -424,7 +357,7 @@ def test_a_failed_generation_is_not_a_dropped_connection(web_stack: Stack, pages
 def test_a_refused_message_leaves_nothing_behind(web_stack: Stack, pages: Pages) -> None:
     """A message the server refuses shows its error alone: no bubble in a thread, and in a new
     chat no thread at all (on the page, in the list, or on the server)."""
-    page = pages.new(web_stack.url + "/")
+    page = pages.new(web_stack.url + "/", init_script=WITH_KEY)
     finished(page, send(page, "first answer", "fake:echo"), "completed")
     page.fill("#model", "nope:x")
     page.fill("#prompt", "refused")
@@ -450,7 +383,7 @@ def test_a_refused_message_leaves_nothing_behind(web_stack: Stack, pages: Pages)
 def test_send_is_disabled_until_the_answer_ends(web_stack: Stack, pages: Pages) -> None:
     """While an answer streams Send is disabled, and Enter cannot start a second answer either;
     Send comes back at the terminal event."""
-    page = pages.new(web_stack.url + "/")
+    page = pages.new(web_stack.url + "/", init_script=WITH_KEY)
     answer = send(page, "long", "fake:lorem", max_tokens=1000)
     wait_for(lambda: tokens_in(answer) >= 3, 20, what="first tokens on the page")
     expect(page.locator("#send")).to_be_disabled()
@@ -471,7 +404,7 @@ def test_model_field_offers_the_servers_models_and_default(web_stack: Stack,
     listed = [m["id"] for m in
               httpx.get(f"{web_stack.url}/v1/models", headers=AUTH).json()["data"]]
     assert "fake:lorem" in listed and any("house-model" in m for m in listed)
-    page = pages.new(web_stack.url + "/")
+    page = pages.new(web_stack.url + "/", init_script=WITH_KEY)
     expect(page.locator("#models")).to_have_attribute("data-source", "server")
     options = page.locator("#models option")
     assert [o.get_attribute("value") for o in options.all()] == listed
