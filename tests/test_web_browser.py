@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, MISSING, TIMEOUT_MS, Pages
+from tests.client import create, status
 from tests.stack import ROOT, Stack, wait_for
 
 DOCS_SHOT = ROOT / "docs" / "screenshot-web.png"
@@ -278,6 +279,18 @@ def test_share_link_is_a_live_read_only_view_of_the_thread(web_stack: Stack,
     expect(viewer.locator(LAST_ANSWER)).to_have_attribute("data-text", "and the next one")
 
 
+def test_a_generations_share_link_is_a_live_view_of_that_answer(web_stack: Stack,
+                                                                pages: Pages) -> None:
+    """`/?view=gen_…&token=…` (a generation's id and stream token) follows that one answer."""
+    gen = create(web_stack.url, headers=AUTH, model="fake:lorem", prompt="x", max_tokens=40)
+    page = pages.new(f"{web_stack.url}/?view={gen['id']}&token={gen['stream_token']}")
+    answer = page.locator(LAST_ANSWER)
+    finished(page, answer, "completed")
+    assert text_in(answer) == status(web_stack.url, gen["id"], headers=AUTH)["content"]
+    expect(answer.locator(".model")).to_have_text("fake:lorem")
+    expect(page.locator("#composer")).to_be_hidden()
+
+
 def test_page_resumes_after_its_api_process_restarts(web_stack: Stack, pages: Pages) -> None:
     """Kill the API the page streams from, start it again on the same port: the page resumes
     (the browser's own reconnection, with Last-Event-ID) and ends with the full text, once."""
@@ -399,12 +412,17 @@ def test_send_is_disabled_until_the_answer_ends(web_stack: Stack, pages: Pages) 
 
 def test_model_field_offers_the_servers_models_and_default(web_stack: Stack,
                                                            pages: Pages) -> None:
-    """The model field starts at the server's default model and suggests what /v1/models lists;
-    sending without touching it runs that default."""
+    """The model field starts at the server's default model and suggests what /v1/models lists
+    once the user gave the key the server asks for; sending without touching it runs that
+    default."""
     listed = [m["id"] for m in
               httpx.get(f"{web_stack.url}/v1/models", headers=AUTH).json()["data"]]
     assert "fake:lorem" in listed and any("house-model" in m for m in listed)
-    page = pages.new(web_stack.url + "/", init_script=WITH_KEY)
+    page = pages.new(web_stack.url + "/")
+    expect(page.locator("#auth")).to_have_attribute("open", "")  # 401: the page asks for a key
+    assert page.locator("#models").get_attribute("data-source") is None
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Enter")
     expect(page.locator("#models")).to_have_attribute("data-source", "server")
     options = page.locator("#models option")
     assert [o.get_attribute("value") for o in options.all()] == listed

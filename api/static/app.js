@@ -160,9 +160,14 @@ async function startChat(threadId) {
   $("stop").addEventListener("click", stop);
   const key = $("api-key");
   key.value = apiKey();
-  key.addEventListener("change", () => {
+  const useKey = () => {
     setApiKey(key.value);
     location.reload(); // everything on the page depends on who is asking
+  };
+  key.addEventListener("change", useKey);
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    useKey();
   });
   loadModels();
   refreshThreads();

@@ -107,15 +107,16 @@ export class Conversation {
 
   follow(genId, { snapshot = "", sentAt = null } = {}) {
     const url = `${threadPath(this.id)}/stream?token=${encodeURIComponent(this.token)}`;
-    this.answer = new Answer({
+    const answer = new Answer({
       genId,
       bubble: this.bubble("assistant", genId),
       url,
       snapshot,
       sentAt,
       onEnd: () => this.ended(),
-      onClosed: () => this.recover(),
+      onClosed: () => this.recover(answer),
     });
+    this.answer = answer;
     this.onChange(this);
   }
 
@@ -128,8 +129,7 @@ export class Conversation {
    * The thread's stream closed with no terminal event: a 204 (the answer ended and left
    * the thread) or an HTTP error. The thread says which; true = reopen after the last id.
    */
-  async recover() {
-    const answer = this.answer;
+  async recover(answer) {
     let thread;
     try {
       thread = await this.load();
