@@ -37,6 +37,9 @@ export class Answer {
     this.floor = saved ? "" : snapshot;
     this.queuedId = null; // id of the `queued` event, when this page saw it: the stream's clock
     this.gotToken = false;
+    this.savedId = null;
+    this.saveTimer = null;
+    addEventListener("pagehide", this.flush);
     bubble.setStatus(bubble.node.dataset.status || "queued");
     bubble.setText(this.shown(), true);
     this.follower = new Follower(url, {
@@ -51,9 +54,21 @@ export class Answer {
     return this.text.length >= this.floor.length ? this.text : this.floor;
   }
 
+  // Text and id always match (both change together, per event), so saving a little late
+  // only means a reload resumes a little earlier: no gap, no repeat. At most every 250 ms,
+  // and when the page goes away, because a replay brings thousands of events at once.
   save(id) {
-    if (id) sessionStorage.setItem(SAVE_PREFIX + this.genId, JSON.stringify({ after: id, text: this.text }));
+    if (!id) return;
+    this.savedId = id;
+    if (!this.saveTimer) this.saveTimer = setTimeout(this.flush, 250);
   }
+
+  flush = () => {
+    clearTimeout(this.saveTimer);
+    this.saveTimer = null;
+    if (this.done || !this.savedId) return;
+    sessionStorage.setItem(SAVE_PREFIX + this.genId, JSON.stringify({ after: this.savedId, text: this.text }));
+  };
 
   event(type, data, id) {
     const b = this.bubble;
@@ -111,6 +126,8 @@ export class Answer {
     if (this.done) return;
     this.done = true;
     this.follower.stop();
+    clearTimeout(this.saveTimer);
+    removeEventListener("pagehide", this.flush);
     sessionStorage.removeItem(SAVE_PREFIX + this.genId);
     this.floor = "";
     this.bubble.setText(this.shown(), true);
