@@ -35,9 +35,10 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="module")
 def web_stack() -> Iterator[Stack]:
-    """One API process and one worker, auth on, a fake model slow enough to watch (30 words/s),
-    its own default model and a configured `openai:` model list (never called here)."""
-    s = Stack(apis=1, workers=1, env={
+    """Two API processes (pages use the first; the second serves while it is down) and a
+    worker, auth on, a fake model slow enough to watch (30 words/s), its own default model and a
+    configured `openai:` model list (never called here)."""
+    s = Stack(apis=2, workers=1, env={
         "TOKENRELAY_API_KEYS": f"acme:{KEY}",
         "TOKENRELAY_FAKE_TPS": "30",
         "TOKENRELAY_DEFAULT_MODEL": "fake:lorem",
@@ -95,6 +96,20 @@ def text_in(bubble: Locator) -> str:
 def finished(page: Page, bubble: Locator, status_value: str) -> None:
     expect(bubble).to_have_attribute("data-status", status_value)
     expect(page.locator("#conn")).to_have_attribute("data-state", "ended")
+
+
+def kill_page_api(stack: Stack) -> int:
+    """Kill the API process the pages talk to (whichever serves its port now); the port."""
+    port = stack.ports[0]
+    for proc, serves in zip(stack.apis, stack.ports, strict=True):
+        if serves == port:
+            proc.kill()
+    return port
+
+
+def restart_page_api(stack: Stack, port: int) -> None:
+    stack.add_api(port=port)
+    stack.wait_ready(stack.url)
 
 
 def thread_id(page: Page) -> str:
@@ -302,12 +317,10 @@ def test_page_resumes_after_its_api_process_restarts(web_stack: Stack, pages: Pa
                   max_tokens=600)
     wait_for(lambda: tokens_in(answer) >= 10, 20, what="tokens before the restart")
 
-    port = web_stack.ports[0]
-    web_stack.apis[0].kill()
+    port = kill_page_api(web_stack)
     expect(page.locator("#conn")).to_have_attribute("data-state", "reconnecting")
     before = text_in(answer)
-    web_stack.add_api(port=port)
-    web_stack.wait_ready(web_stack.url)
+    restart_page_api(web_stack, port)
 
     expect(page.locator("#conn")).to_have_attribute("data-state", "resumed")
     assert answer.get_attribute("data-status") == "running"
@@ -324,6 +337,36 @@ def test_page_resumes_after_its_api_process_restarts(web_stack: Stack, pages: Pa
     assert conn.get_attribute("data-drops") == "1"
     assert conn.get_attribute("data-reopens") == "0", "the page, not the browser, reconnected"
     expect(conn).to_contain_text("resumed after 1 drop")
+
+
+def test_an_answer_that_took_over_while_the_page_was_away_gets_its_own_bubble(
+        web_stack: Stack, pages: Pages) -> None:
+    """While the page's API is down, another client's enqueued message takes the thread over
+    (the answer the page followed is cancelled). The page's reconnect lands on the new answer:
+    the first ends as the thread stored it, the new one is drawn in its own bubble."""
+    page = pages.new(web_stack.url + "/", init_script=WITH_KEY)
+    first = send(page, "first", "fake:lorem", max_tokens=1000)
+    wait_for(lambda: tokens_in(first) >= 5, 20, what="tokens of the first answer")
+    tid, first_id = thread_id(page), first.get_attribute("data-gen") or ""
+    other = web_stack.urls[1]
+    queued = httpx.post(f"{other}/v1/threads/{tid}/messages", headers=AUTH, json={
+        "content": "from elsewhere", "model": "fake:lorem", "max_tokens": 150,
+        "if_busy": "enqueue"}).json()
+
+    port = kill_page_api(web_stack)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "reconnecting")
+    assert httpx.post(f"{other}/v1/generations/{first_id}/cancel",
+                      headers=AUTH).status_code == 202
+    wait_for(lambda: thread(other, tid)["active_generation_id"] == queued["id"], 10,
+             what="the enqueued answer to take over")
+    restart_page_api(web_stack, port)
+
+    taken_over = page.locator(f".msg[data-role=assistant][data-gen={queued['id']}]")
+    finished(page, taken_over, "completed")
+    expect(first).to_have_attribute("data-status", "cancelled")
+    assert text_in(first) == stored_answer(other, tid, first_id)["content"]
+    assert text_in(taken_over) == stored_answer(other, tid, queued["id"])["content"]
+    expect(page.locator(".msg[data-role=user]")).to_have_text(["first", "from elsewhere"])
 
 
 def test_a_share_link_that_reads_nothing_says_so(web_stack: Stack, pages: Pages) -> None:

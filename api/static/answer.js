@@ -38,6 +38,7 @@ export class Answer {
     this.queuedId = null; // id of the `queued` event, when this page saw it: the stream's clock
     this.gotToken = false;
     this.savedId = null;
+    this.lastStatus = null; // the last status event seen
     this.saveTimer = null;
     addEventListener("pagehide", this.flush);
     bubble.setStatus(bubble.node.dataset.status || "queued");
@@ -74,6 +75,7 @@ export class Answer {
     const b = this.bubble;
     switch (type) {
       case "status":
+        if (data.status === "running" && this.moved()) return;
         if (data.status === "queued") this.queuedId = id;
         if (data.status === "restarted") {
           // The worker was lost and the job restarted: the text starts over too.
@@ -102,7 +104,19 @@ export class Answer {
         break;
     }
     b.setDupes(this.follower ? this.follower.dupes : 0);
+    this.lastStatus = type === "status" ? data.status : this.lastStatus;
     if (!this.done) this.save(id);
+  }
+
+  // A thread's stream follows whichever answer is active. One that is `running` again,
+  // not right after `restarted`, is the thread's next answer: this one ended while the
+  // connection was down (another client had enqueued a message). `onClosed` then takes
+  // this one's end from the thread, and the next answer gets its own bubble.
+  moved() {
+    const begun = this.text !== "" || this.lastStatus === "running";
+    if (!begun || this.lastStatus === "restarted") return false;
+    this.follower.interrupt(this.savedId);
+    return true;
   }
 
   delta(data, id) {

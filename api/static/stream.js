@@ -83,6 +83,17 @@ export class Follower {
     this.onEvent(type, data, id);
   }
 
+  /**
+   * Drop this connection and let `onClosed` decide, as if the browser had given up;
+   * `lastId`: the last event that was really this stream's (a reopen resumes after it).
+   */
+  interrupt(lastId) {
+    this.lastId = lastId;
+    if (this.es) this.es.close();
+    this.connected = false;
+    this.closed();
+  }
+
   async closed() {
     let reopen;
     try {
