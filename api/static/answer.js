@@ -37,7 +37,7 @@ export class Answer {
     this.floor = saved ? "" : snapshot;
     this.queuedId = null; // id of the `queued` event, when this page saw it: the stream's clock
     this.gotToken = false;
-    this.savedId = null;
+    this.savedId = saved ? saved.after : null; // the last event this answer took
     this.lastStatus = null; // the last status event seen
     this.saveTimer = null;
     addEventListener("pagehide", this.flush);
