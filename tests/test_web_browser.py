@@ -148,6 +148,11 @@ MARKDOWN = {
         '<ol start="3"><li>three</li><li>four</li></ol>'
         "<blockquote><p>quoted <em>text</em></p></blockquote><hr><p>line one<br>line two</p>",
     "``code with ` tick`` and \\*not em\\*": "<p><code>code with ` tick</code> and *not em*</p>",
+    "| a | b \\| c | d |\n|:--|:-:|--:|\n| 1 | **2** | 3 |\n\nafter":
+        '<div class="table"><table><thead><tr><th>a</th><th class="align-center">b | c</th>'
+        '<th class="align-right">d</th></tr></thead><tbody><tr><td>1</td><td class="align-'
+        'center"><strong>2</strong></td><td class="align-right">3</td></tr></tbody></table>'
+        "</div><p>after</p>",
 }
 
 

@@ -1,4 +1,4 @@
-// Safe Markdown for model answers: a small subset (fenced code, inline code, emphasis,
+// Safe Markdown for model answers: a small subset (fenced code, inline code, emphasis, tables,
 // strike-through, headings, lists, quotes, rules, links) rendered by building DOM nodes.
 // Text only ever becomes Text nodes and no markup in the source is interpreted, so HTML in
 // an answer shows as the characters it is. Links keep only http:, https: and mailto: URLs.
@@ -15,6 +15,7 @@ const HEADING = /^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$/;
 const RULE = /^ {0,3}([-*_])(\s*\1){2,}\s*$/;
 const QUOTE = /^ {0,3}> ?(.*)$/;
 const ITEM = /^ {0,3}([-*+]|\d{1,9}[.)])\s+(.*)$/;
+const TABLE_SEP = /^ {0,3}\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
 
 function el(tag, className) {
   const node = document.createElement(tag);
@@ -68,6 +69,8 @@ function blocks(lines, out, depth) {
       out.append(quote);
     } else if (ITEM.test(line)) {
       i = list(lines, i, out, depth);
+    } else if (isTable(lines, i)) {
+      i = table(lines, i, out, depth);
     } else {
       i = paragraph(lines, i, out, depth);
     }
@@ -131,6 +134,43 @@ function list(lines, start, out, depth) {
     node.append(li);
   }
   out.append(node);
+  return i;
+}
+
+// A GFM table: a header row, a delimiter row (`| --- | :-: |`), rows up to a blank line.
+function isTable(lines, i) {
+  const sep = lines[i + 1];
+  return lines[i].includes("|") && sep !== undefined && sep.includes("|") && TABLE_SEP.test(sep);
+}
+
+function cells(line) {
+  let row = line.trim();
+  if (row.startsWith("|")) row = row.slice(1);
+  if (row.endsWith("|") && !row.endsWith("\\|")) row = row.slice(0, -1);
+  return row.split(/(?<!\\)\|/).map((cell) => cell.trim());
+}
+
+function table(lines, start, out, depth) {
+  const align = cells(lines[start + 1]).map((d) =>
+    d.startsWith(":") && d.endsWith(":") ? "center" : d.endsWith(":") ? "right" : "");
+  const row = (line, tag) => {
+    const tr = el("tr");
+    cells(line).slice(0, align.length).forEach((text, n) => {
+      const cell = el(tag, align[n] ? `align-${align[n]}` : "");
+      inline(text, cell, depth);
+      tr.append(cell);
+    });
+    return tr;
+  };
+  const [head, body, t, wrap] = [el("thead"), el("tbody"), el("table"), el("div", "table")];
+  head.append(row(lines[start], "th"));
+  let i = start + 2;
+  for (; i < lines.length && lines[i].trim() && lines[i].includes("|"); i += 1) {
+    body.append(row(lines[i], "td"));
+  }
+  t.append(head, body);
+  wrap.append(t); // the wrapper scrolls sideways on its own when the table is wide
+  out.append(wrap);
   return i;
 }
 
