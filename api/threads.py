@@ -89,6 +89,9 @@ class ThreadBody(BaseModel):
     active_generation_id: str | None
     usage: dict[str, int]
     cost: float | None = None
+    stream_token: str | None = Field(
+        None, description="a fresh read-only token for this thread (share link, EventSource); "
+                          "only for its tenant, never renewed for a token holder")
 
 
 class ThreadSummary(BaseModel):
