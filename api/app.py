@@ -27,6 +27,7 @@ from tokenrelay.api.routes import (
     health,
     metrics,
     openai_compat,
+    responses,
     threads,
     usage,
     web,
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(web.router)
     app.include_router(openai_compat.router)
+    app.include_router(responses.router)
     app.include_router(usage.router)
     app.include_router(metrics.router)
     app.include_router(ai_sdk.router)

@@ -94,6 +94,9 @@ class ThreadBody(BaseModel):
         description="totals over its ended answers: tokens, and cost (USD) when priced")
     cost: float | None = Field(None, description="usage.cost (null: no answer was priced)")
     viewers: int = Field(0, description="viewers of the active answer, on any API process")
+    stream_token: str | None = Field(
+        None, description="a fresh read-only token for this thread (share link, EventSource); "
+                          "only for its tenant, never renewed for a token holder")
 
 
 class ThreadSummary(BaseModel):
