@@ -19,6 +19,7 @@ from tokenrelay.api.hub import Hub
 from tokenrelay.api.metrics import Metrics
 from tokenrelay.api.middleware import BodyLimit, RequestContext
 from tokenrelay.api.openai_errors import add_openai_errors
+from tokenrelay.api.presence import Presence
 from tokenrelay.api.readers import create_reader
 from tokenrelay.api.routes import (
     ai_sdk,
@@ -26,6 +27,7 @@ from tokenrelay.api.routes import (
     health,
     metrics,
     openai_compat,
+    responses,
     threads,
     usage,
     web,
@@ -85,7 +87,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                on_lag=app.state.metrics.hub_lag.observe)
         hub = Hub(redis, reader, settings.hub_history_frames,
                   heartbeat_s=settings.heartbeat_s, send_timeout_s=settings.send_timeout_s)
+        presence = Presence(redis, hub.channels, refresh_s=settings.presence_refresh_s,
+                            ttl_s=settings.presence_ttl_s, grace_s=settings.abandon_grace_s)
+        hub.on_viewers = presence.mark
         hub.start()
+        presence.start()
         _drain_on_exit_signal(hub.connections)
         app.state.tr = AppState(
             settings=settings,
@@ -100,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await hub.stop()
+            await presence.stop()
             await queue.aclose()
             await redis.aclose()
 
@@ -119,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(web.router)
     app.include_router(openai_compat.router)
+    app.include_router(responses.router)
     app.include_router(usage.router)
     app.include_router(metrics.router)
     app.include_router(ai_sdk.router)

@@ -48,21 +48,25 @@ def events_url(gen_id: str) -> str:
 
 async def create(
     state: AppState, tenant: str, body: GenerationCreate, idempotency_key: str | None,
-    *, enqueue: bool = True, endpoint: str = ENDPOINT,
+    *, enqueue: bool = True, endpoint: str = ENDPOINT, gen_id: str | None = None,
+    first_event: dict[str, Any] | None = None,
 ) -> GenerationCreated:
     """Record the generation (status and its first event), then enqueue it and wake a worker.
 
     ``enqueue=False`` (threads): record it queued but without its job, which the caller
-    starts later with :func:`enqueue`.
+    starts later with :func:`enqueue`. ``gen_id``: its id, chosen by the caller;
+    ``first_event``: more data for its ``queued`` event (what a protocol's fold starts from).
     """
     created, _ = await create_or_replay(state, tenant, body, idempotency_key, enqueue=enqueue,
-                                        endpoint=endpoint)
+                                        endpoint=endpoint, gen_id=gen_id,
+                                        first_event=first_event)
     return created
 
 
 async def create_or_replay(
     state: AppState, tenant: str, body: GenerationCreate, idempotency_key: str | None,
-    *, enqueue: bool = True, endpoint: str = ENDPOINT,
+    *, enqueue: bool = True, endpoint: str = ENDPOINT, gen_id: str | None = None,
+    first_event: dict[str, Any] | None = None,
 ) -> tuple[GenerationCreated, bool]:
     """As :func:`create`, and whether it is the generation an earlier request with this
     Idempotency-Key made (True), rather than a new one. ``endpoint`` is part of the key's
@@ -76,7 +80,7 @@ async def create_or_replay(
         raise ValidationFailed(f"max_tokens: at most {settings.max_tokens_limit}")
 
     gen = streams.NewGeneration(
-        id=new_generation_id(),
+        id=gen_id or new_generation_id(),
         tenant=tenant,
         model=model,
         request=_job_request(body, model),
@@ -101,14 +105,15 @@ async def create_or_replay(
                 return await _replayed(state, earlier), True
         job = queue.first_job(state.queue, gen.id)
         if not enqueue:  # a thread's message waiting for its turn: no job yet
-            await streams.create(state.redis, gen, metadata=body.metadata)
+            await streams.create(state.redis, gen, metadata=body.metadata, first=first_event)
             await queue.release_slot(state.queue, gen.id)
         elif settings.queue_shares_redis:
             # The job and the wake-up in the generation's own MULTI: four round trips
             # off the queue hop, and never a generation without its job.
-            await streams.create(state.redis, gen, metadata=body.metadata, job=job)
+            await streams.create(state.redis, gen, metadata=body.metadata, job=job,
+                                 first=first_event)
         else:
-            await streams.create(state.redis, gen, metadata=body.metadata)
+            await streams.create(state.redis, gen, metadata=body.metadata, first=first_event)
             await _enqueue_apart(state, job)
     except BaseException:
         await _release(state, tenant, gen.id)
@@ -180,6 +185,7 @@ def _job_request(body: GenerationCreate, model: str) -> dict[str, Any]:
         "max_tokens": body.max_tokens,
         "temperature": body.temperature,
         "extra": extra,
+        "on_disconnect": body.on_disconnect,
     }
 
 

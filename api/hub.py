@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -44,6 +45,8 @@ class Hub:
         self.connections = Connections(heartbeat_s, send_timeout_s)
         self.catchup_reads = 0  # XRANGE pages read by viewers behind the channels' memory
         self._loads: set[asyncio.Task[None]] = set()
+        # Told the generation each time a viewer joins or leaves (api.presence batches them).
+        self.on_viewers: Callable[[str], None] | None = None
 
     @property
     def viewer_count(self) -> int:
@@ -71,6 +74,8 @@ class Hub:
             self._loads.add(task)
             task.add_done_callback(self._loads.discard)
         channel.viewers += 1
+        if self.on_viewers is not None:
+            self.on_viewers(gen_id)
         if not channel.loaded.done():
             try:
                 await asyncio.shield(channel.loaded)
@@ -84,6 +89,8 @@ class Hub:
 
     def leave(self, channel: Channel) -> None:
         channel.viewers -= 1
+        if self.on_viewers is not None:
+            self.on_viewers(channel.gen_id)
         if channel.viewers <= 0:
             self._drop(channel)
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from tokenrelay.api.errors import ErrorShapes, Failure
 from tokenrelay.shared.errors import TokenRelayError
 
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models", "/v1/responses")
 
 # OpenAI's `type` for each status (https://platform.openai.com/docs/guides/error-codes).
 _TYPES = {

@@ -14,7 +14,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenrelay.api.openai_errors import OpenAIError
-from tokenrelay.api.schemas import MAX_MESSAGES, GenerationCreate, Message, Sampling
+from tokenrelay.api.schemas import (
+    MAX_MESSAGES,
+    GenerationCreate,
+    Message,
+    OnDisconnect,
+    Sampling,
+)
 from tokenrelay.shared.models import check_model
 from tokenrelay.shared.settings import Settings
 
@@ -53,6 +59,9 @@ class ChatCompletionRequest(Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
+    # tokenrelay's own (the SDK's extra_body): "continue" keeps a generation going after
+    # the client leaves, to resume it by its X-Generation-Id; default OPENAI_ON_DISCONNECT.
+    on_disconnect: OnDisconnect | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -65,23 +74,31 @@ class ChatCompletionRequest(Sampling):
 
 def parse(raw: bytes) -> ChatCompletionRequest:
     """The request in ``raw``, or an OpenAIError (400) that names the offending parameter."""
+    data = body_object(raw, IGNORED, NO_OP_VALUES)
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(exc) from None
+
+
+def body_object(raw: bytes, ignored: frozenset[str],
+                no_op: dict[str, tuple[Any, str]]) -> dict[str, Any]:
+    """The JSON object in ``raw`` without the ``ignored`` parameters, those sent as null,
+    and those of ``no_op`` (400 unless given their one allowed value)."""
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
         raise OpenAIError(400, "invalid_json", "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "invalid_request", "the request body must be a JSON object")
-    data = {k: v for k, v in data.items() if v is not None and k not in IGNORED}
-    for name, (allowed, why) in NO_OP_VALUES.items():
+    data = {k: v for k, v in data.items() if v is not None and k not in ignored}
+    for name, (allowed, why) in no_op.items():
         if name in data and data.pop(name) != allowed:
             raise OpenAIError(400, "unsupported_value", why, param=name)
-    try:
-        return ChatCompletionRequest.model_validate(data)
-    except ValidationError as exc:
-        raise _invalid(exc) from None
+    return data
 
 
-def _invalid(exc: ValidationError) -> OpenAIError:
+def invalid(exc: ValidationError) -> OpenAIError:
     err = exc.errors()[0]
     param = ".".join(str(part) for part in err["loc"]) or None
     if err["type"] == "extra_forbidden":
@@ -114,7 +131,8 @@ def to_generation(request: ChatCompletionRequest, settings: Settings) -> Generat
             metadata=request.metadata,
             tools=request.tools,
             tool_choice=request.tool_choice,
+            on_disconnect=request.on_disconnect or settings.openai_on_disconnect,
             **request.sampling(),
         )
     except ValidationError as exc:
-        raise _invalid(exc) from None
+        raise invalid(exc) from None

@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_MESSAGES = 1000
 MAX_STOP = 4
 
+# What happens when nobody watches any more: go on, or cancel after a grace.
+OnDisconnect = Literal["continue", "cancel"]
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -70,8 +73,12 @@ class GenerationCreate(Sampling):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     metadata: dict[str, str] | None = None
+    viewers: int = Field(0, description="viewers connected to it on any API process")
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    on_disconnect: OnDisconnect = Field(
+        "continue", description="cancel: stop once no viewer has been connected for "
+                                "TOKENRELAY_ABANDON_GRACE_S")
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationCreate:
@@ -107,9 +114,11 @@ class GenerationStatus(BaseModel):
     model: str
     content: str
     finish_reason: str | None
-    usage: dict[str, int | bool] | None  # "estimated": true when the upstream sent none
+    # "estimated": true when the upstream sent none; "cost" in USD when PRICES prices the model
+    usage: dict[str, int | float | bool] | None
     error: ErrorInfo | None
     created_at: float
     started_at: float | None
     finished_at: float | None
     metadata: dict[str, str] | None = None
+    viewers: int = Field(0, description="viewers connected to it on any API process")

@@ -20,9 +20,9 @@ from starlette.responses import Response
 
 from tokenrelay.api import generations
 from tokenrelay.api.deps import AppState, Principal
-from tokenrelay.api.schemas import GenerationCreate, GenerationCreated, Message
+from tokenrelay.api.schemas import GenerationCreate, GenerationCreated, Message, OnDisconnect
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import keys, streams
+from tokenrelay.shared import keys, presence, streams
 from tokenrelay.shared import threads as store
 from tokenrelay.shared.errors import BadRequest, Conflict, NotFound, ValidationFailed
 from tokenrelay.shared.models import check_model
@@ -58,6 +58,9 @@ class MessageCreate(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     if_busy: Literal["reject", "enqueue", "interrupt"] = Field(
         "reject", description="while another answer runs: 409, run after it, or cancel it")
+    on_disconnect: OnDisconnect = Field(
+        "continue", description="cancel: stop the answer once nobody has watched it for "
+                                "TOKENRELAY_ABANDON_GRACE_S")
 
 
 class MessageCreated(GenerationCreated):
@@ -73,7 +76,7 @@ class ThreadMessage(BaseModel):
     model: str | None = None
     status: str | None = None
     finish_reason: str | None = None
-    usage: dict[str, int] | None = None
+    usage: dict[str, int | float | bool] | None = None  # tokens; "cost" in USD when priced
     error: dict[str, Any] | None = None
 
 
@@ -87,8 +90,13 @@ class ThreadBody(BaseModel):
     metadata: dict[str, str]
     messages: list[ThreadMessage]
     active_generation_id: str | None
-    usage: dict[str, int]
-    cost: float | None = None
+    usage: dict[str, int | float] = Field(
+        description="totals over its ended answers: tokens, and cost (USD) when priced")
+    cost: float | None = Field(None, description="usage.cost (null: no answer was priced)")
+    viewers: int = Field(0, description="viewers of the active answer, on any API process")
+    stream_token: str | None = Field(
+        None, description="a fresh read-only token for this thread (share link, EventSource); "
+                          "only for its tenant, never renewed for a token holder")
 
 
 class ThreadSummary(BaseModel):
@@ -182,7 +190,8 @@ async def body(state: AppState, thread: store.Thread) -> ThreadBody:
         id=thread.id, created_at=thread.created_at, updated_at=thread.updated_at,
         title=thread.title, system=thread.system, model=thread.model,
         metadata=thread.metadata, messages=messages, active_generation_id=thread.active,
-        usage=thread.usage,
+        usage=thread.usage, cost=thread.usage.get("cost"),
+        viewers=await presence.count(state.redis, thread.active) if thread.active else 0,
     )
 
 
@@ -210,7 +219,7 @@ async def post_message(
     request = GenerationCreate(
         model=model, messages=[Message(role="user", content=message.content)],
         max_tokens=message.max_tokens, temperature=message.temperature,
-        metadata={"thread_id": thread_id},
+        metadata={"thread_id": thread_id}, on_disconnect=message.on_disconnect,
     )
     created = await generations.create(state, tenant, request, None, enqueue=False)
     turn = store.Turn(id=store.new_message_id(), reply_id=store.new_message_id(),
@@ -329,10 +338,10 @@ def markdown(thread: ThreadBody) -> str:
         f"created_at: {scalar(_iso(thread.created_at))}",
         f"updated_at: {scalar(_iso(thread.updated_at))}",
         "usage:",
-        *(f"  {name}: {value}" for name, value in thread.usage.items()),
+        *(f"  {name}: {_number(value)}" for name, value in thread.usage.items()),
     ]
     if thread.cost is not None:
-        front.append(f"cost: {thread.cost}")
+        front.append(f"cost: {_number(thread.cost)}")
     if thread.metadata:
         front.append("metadata:")
         front += [f"  {scalar(k)}: {scalar(v)}" for k, v in thread.metadata.items()]
@@ -349,6 +358,11 @@ def markdown(thread: ThreadBody) -> str:
             text += f"\n\n*[{message.status}]*"
         parts.append(f"{heading}\n\n{text}")
     return "\n\n".join(parts) + "\n"
+
+
+def _number(value: float) -> str:
+    """A number as YAML 1.1 and 1.2 both read it: no exponent (``1e-05`` is a string in 1.1)."""
+    return str(value) if isinstance(value, int) else f"{value:.10f}".rstrip("0").rstrip(".")
 
 
 def _iso(ts: float) -> str:

@@ -33,6 +33,12 @@ def cancel(gen_id: str) -> str:
     return f"{PREFIX}:{{{gen_id}}}:cancel"
 
 
+def viewers(gen_id: str) -> str:
+    """Hash of a generation's presence: per API process its viewer count and when that
+    count expires, and when a viewer was last seen (shared/presence.py)."""
+    return f"{PREFIX}:{{{gen_id}}}:viewers"
+
+
 def idempotency(tenant: str, key: str) -> str:
     """Maps a tenant's Idempotency-Key to the generation it created."""
     return f"{PREFIX}:idem:{{{tenant}}}:{key}"

@@ -49,9 +49,10 @@ def done(finish_reason: str, usage_: dict[str, Any] | None) -> Ending:
                   {"finish_reason": finish_reason, "usage": json.dumps(usage_ or {})})
 
 
-def cancelled() -> Ending:
-    """A cancel was requested while the generation ran."""
-    return Ending(ev.CANCELLED, {})
+def cancelled(reason: str | None = None) -> Ending:
+    """A cancel was requested while the generation ran; ``reason`` "abandoned": by the
+    worker, after no viewer had been connected for the grace (on_disconnect: cancel)."""
+    return Ending(ev.CANCELLED, {"reason": reason} if reason else {})
 
 
 def failed(code: str, message: str, *, retryable: bool, **extra: Any) -> Ending:

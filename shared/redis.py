@@ -129,6 +129,34 @@ class Script:
         self._sent = True  # EVAL also caches the script on the server
         return await awaited(redis.eval(self.source, len(keys), *keys, *args))
 
+    async def many(self, redis: Redis,
+                   calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Run the script once per (keys, args) in one pipeline (one round trip per node on
+        a Cluster), in order; the replies in order. A server that does not know the script
+        gets its body for those calls only. Raises the first other error."""
+        if not calls:
+            return []
+        replies: list[Any] = []
+        if not self._sent:  # the first call sends the body; the others run by its SHA
+            first_keys, first_args = calls[0]
+            replies.append(await self(redis, first_keys, *first_args))
+            calls = calls[1:]
+        async with redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                # (by name: redis-py blocks the evalsha method on Cluster pipelines, but
+                # routes the command by its keys like any other)
+                pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            piped: list[Any] = await pipe.execute(raise_on_error=False) if calls else []
+        for index, reply in enumerate(piped):
+            if isinstance(reply, NoScriptError):
+                keys, args = calls[index]
+                piped[index] = await awaited(redis.eval(self.source, len(keys), *keys, *args))
+        replies += piped
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
 
 class Backoff:
     """Delays between attempts while Redis is away: ``first``, doubling up to ``cap``."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -70,6 +72,17 @@ class Settings(BaseSettings):
     # API's own) that may open a socket: comma-separated, "*" for any.
     ws_max_subscriptions: int = Field(100, gt=0)
     ws_allowed_origins: str | None = None
+    # Presence: each API process writes its viewer counts every PRESENCE_REFRESH_S; a
+    # count not refreshed for PRESENCE_TTL_S (a killed process) no longer counts.
+    presence_refresh_s: float = Field(1.0, gt=0)
+    presence_ttl_s: float = Field(3.0, gt=0)
+    # on_disconnect "cancel": how long a generation may have no viewer on any API process.
+    abandon_grace_s: float = Field(10.0, gt=0)
+    # The Chat Completions facade's on_disconnect when a request does not say (OpenAI's
+    # own streams stop when the client goes away).
+    openai_on_disconnect: Literal["cancel", "continue"] = "cancel"
+    # Model -> [USD per million input tokens, per million output tokens] (JSON).
+    prices: dict[str, tuple[float, float]] = Field(default_factory=dict)
 
     @field_validator("api_keys")
     @classmethod
@@ -81,6 +94,22 @@ class Settings(BaseSettings):
             if not sep or not tenant or not key:
                 raise ValueError("expected comma-separated tenant:key pairs")
         return value
+
+    @field_validator("prices")
+    @classmethod
+    def _check_prices(cls, value: dict[str, tuple[float, float]]
+                      ) -> dict[str, tuple[float, float]]:
+        for model, pair in value.items():
+            if not model or not all(math.isfinite(p) and p >= 0 for p in pair):
+                raise ValueError(f"{model!r}: prices must be two finite numbers >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _check_presence(self) -> Settings:
+        if self.presence_ttl_s <= self.presence_refresh_s:
+            raise ValueError("presence_ttl_s (TOKENRELAY_PRESENCE_TTL_S) must be longer than "
+                             "presence_refresh_s (TOKENRELAY_PRESENCE_REFRESH_S)")
+        return self
 
     @property
     def queue_url(self) -> str | None:

@@ -122,9 +122,10 @@ class NewGeneration:
 
 async def create(
     redis: Redis, gen: NewGeneration, metadata: dict[str, str] | None = None,
-    job: queue.Job | None = None,
+    job: queue.Job | None = None, first: dict[str, Any] | None = None,
 ) -> str:
-    """Write a generation's status and its first event (``status: queued``); return its id.
+    """Write a generation's status and its first event (``status: queued``, plus ``first``'s
+    fields); return its id.
 
     With ``job`` (``queue.first_job``: the queue shares this Redis), also enqueue it
     and wake the workers, atomically and in the same round trip: a generation is never
@@ -140,7 +141,7 @@ async def create(
     }
     if metadata:
         mapping["metadata"] = json.dumps(metadata)
-    first_event = ev.entry_fields(ev.STATUS, {"status": ev.QUEUED})
+    first_event = ev.entry_fields(ev.STATUS, {**(first or {}), "status": ev.QUEUED})
     if job is None:
         # One script on the generation's slot: atomic on a plain Redis and on a Cluster,
         # whose client has no MULTI. The job then goes to the queue's own Redis.
@@ -151,8 +152,8 @@ async def create(
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(keys.meta(gen.id), mapping=mapping)
         pipe.expire(keys.meta(gen.id), keys.PENDING_TTL_S)
-        first: dict[Any, Any] = first_event
-        pipe.xadd(keys.events(gen.id), first)
+        entry: dict[Any, Any] = first_event
+        pipe.xadd(keys.events(gen.id), entry)
         pipe.expire(keys.events(gen.id), keys.PENDING_TTL_S)
         queue.add(pipe, job)
         results = await pipe.execute()

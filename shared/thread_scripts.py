@@ -54,7 +54,8 @@ return {{outcome, active, unpack(dropped)}}
 # Record an ended generation's reply; if it held the slot, pass the slot on. Only a
 # generation a claim put in the thread (its empty reply) is recorded: a metadata
 # ``thread_id`` alone does not make a generation part of a thread.
-# KEYS: meta turns replies pending ; ARGV: gen_id reply_json now prompt completion total
+# KEYS: meta turns replies pending ;
+# ARGV: gen_id reply_json now prompt completion total cost_units('': unpriced)
 # Returns {'gone'} (no such thread, or not its generation) | {'recorded', next, tenant, ttl}
 # | {'again', active, tenant, ttl, started} (recorded before).
 END = Script(f"""
@@ -67,6 +68,7 @@ redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'prompt_tokens', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'completion_tokens', ARGV[5])
 redis.call('HINCRBY', KEYS[1], 'total_tokens', ARGV[6])
+if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[1], 'cost_units', ARGV[7]) end
 local nxt = ''
 if m[2] == ARGV[1] then
   nxt = redis.call('LPOP', KEYS[4]) or ''

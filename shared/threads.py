@@ -27,8 +27,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from tokenrelay.shared import costs, keys, limits, streams, thread_index
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import keys, limits, streams, thread_index
 from tokenrelay.shared import thread_scripts as scripts
 from tokenrelay.shared.errors import Conflict
 from tokenrelay.shared.redis import awaited, text
@@ -95,7 +95,7 @@ class Reply:
     created_at: float
     finished_at: float | None = None
     finish_reason: str | None = None
-    usage: dict[str, int] | None = None
+    usage: dict[str, Any] | None = None  # tokens; "cost" (USD) when priced
     error: dict[str, Any] | None = None
 
     def encode(self) -> str:
@@ -140,7 +140,7 @@ class Thread:
     title: str
     active: str | None
     budget: int
-    usage: dict[str, int]
+    usage: dict[str, int | float]  # token totals, and "cost" (USD) once a priced one ended
     turns: list[Turn] = field(default_factory=list)
     replies: dict[str, Reply] = field(default_factory=dict)
     turn_count: int = 0  # a listing's count; ``turns`` is loaded by load() only
@@ -159,8 +159,16 @@ def _thread_of(thread_id: str, raw_meta: dict[Any, Any]) -> Thread:
         title=meta.get("title", ""),
         active=meta.get("active") or None,
         budget=int(meta.get("budget") or 0),
-        usage={name: int(meta.get(name) or 0) for name in TOKEN_FIELDS},
+        usage=_totals(meta),
     )
+
+
+def _totals(meta: dict[str, str]) -> dict[str, int | float]:
+    """A thread's usage totals: tokens, and cost when any of its generations was priced."""
+    totals: dict[str, int | float] = {name: int(meta.get(name) or 0) for name in TOKEN_FIELDS}
+    if meta.get("cost_units"):
+        totals["cost"] = costs.usd(int(meta["cost_units"]))
+    return totals
 
 
 async def create(
@@ -332,8 +340,10 @@ async def _record(
     """Record the reply; the generation to start next, if any."""
     reply = Reply.of_generation(found)
     tokens = [int((reply.usage or {}).get(name) or 0) for name in TOKEN_FIELDS]
+    cost = costs.units_of(reply.usage)
     result = await scripts.END(redis, keys.thread_keys(thread_id), gen_id,
-                               reply.encode(), streams.now(), *tokens)
+                               reply.encode(), streams.now(), *tokens,
+                               "" if cost is None else cost)
     kind, *rest = (text(v) for v in result)
     if kind == "gone":
         return None

@@ -16,21 +16,22 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from tokenrelay.shared import costs, keys
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import keys
 from tokenrelay.shared.redis import Script, awaited, text
 
 STATUS_PREFIX = "generations:"
 # The marker outlives the generation's own keys (RETENTION_S), so no re-run can count it again.
 MARKER_SLACK_S = 3600
 
-# KEYS: totals marker ; ARGV: marker_ttl status prompt completion total
+# KEYS: totals marker ; ARGV: marker_ttl status prompt completion total cost_units('': unpriced)
 _RECORD = Script("""
 if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 redis.call('HINCRBY', KEYS[1], 'generations:' .. ARGV[2], 1)
 redis.call('HINCRBY', KEYS[1], 'prompt_tokens', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'completion_tokens', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'total_tokens', ARGV[5])
+if ARGV[6] ~= '' then redis.call('HINCRBY', KEYS[1], 'cost_units', ARGV[6]) end
 return 1
 """)
 
@@ -41,6 +42,7 @@ class Totals:
     completion_tokens: int = 0
     total_tokens: int = 0
     generations: dict[str, int] = field(default_factory=dict)
+    cost: float | None = None  # USD, over the priced generations (None: none was priced)
 
 
 def _tokens(usage: dict[str, Any]) -> tuple[int, int, int]:
@@ -56,9 +58,12 @@ async def record(redis: Redis, gen_id: str, retention_s: int) -> bool:
     tenant, status, usage = (None if v is None else text(v) for v in raw)
     if tenant is None or status not in ev.TERMINAL_STATUSES:
         return False
-    prompt, completion, total = _tokens((json.loads(usage) if usage else None) or {})
+    found = (json.loads(usage) if usage else None) or {}
+    prompt, completion, total = _tokens(found)
+    cost = costs.units_of(found)
     script_keys = [keys.usage(tenant), keys.usage_counted(tenant, gen_id)]
-    args = [str(retention_s + MARKER_SLACK_S), status, str(prompt), str(completion), str(total)]
+    args = [str(retention_s + MARKER_SLACK_S), status, str(prompt), str(completion), str(total),
+            "" if cost is None else str(cost)]
     counted = await _RECORD(redis, script_keys, *args)
     return bool(counted)
 
@@ -74,4 +79,5 @@ async def totals(redis: Redis, tenant: str) -> Totals:
         completion_tokens=values.get("completion_tokens", 0),
         total_tokens=values.get("total_tokens", 0),
         generations=generations,
+        cost=costs.usd(values["cost_units"]) if "cost_units" in values else None,
     )

@@ -49,6 +49,7 @@ class Record:
     completed: int = 0
     model_lists: int = 0  # GET /v1/models calls
     disconnected: int = 0  # streams the client closed before their end
+    disconnected_at: list[float] = field(default_factory=list)  # their time.monotonic()
 
 
 def _chunk(model: str, delta: dict[str, Any], finish: str | None = None,
@@ -169,6 +170,7 @@ def build_app(record: Record) -> Starlette:
                     record.completed += 1
                 else:
                     record.disconnected += 1
+                    record.disconnected_at.append(time.monotonic())
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

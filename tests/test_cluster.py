@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -206,6 +207,28 @@ def test_generations_spread_over_the_shards_and_stream_from_one_api(
         for events in results[2 * i: 2 * i + 2]:
             assert text_of(events) == final["content"]
             assert len(final["content"].split()) == 30
+
+
+def test_viewers_of_generations_on_several_shards_count_from_both_api_processes(
+    stack2: Stack,
+) -> None:
+    """Presence on a Cluster: one process's batch spans the masters (a pipeline per node),
+    and `viewers` of each generation counts the viewers of both API processes."""
+    gens = [create(stack2.url, model="fake:lorem", prompt="x", max_tokens=300)["id"]
+            for _ in range(6)]
+    with ExitStack() as streams:
+        for index, gen_id in enumerate(gens):
+            for base in stack2.urls[: 1 + index % 2]:
+                client = streams.enter_context(httpx.Client(timeout=10))
+                response = streams.enter_context(
+                    client.stream("GET", f"{base}/v1/generations/{gen_id}/events"))
+                assert response.status_code == 200
+        for index, gen_id in enumerate(gens):
+            wait_for(lambda g=gen_id, n=1 + index % 2: status(stack2.url, g)["viewers"] == n,
+                     10, 0.05, f"{1 + index % 2} viewers of {gen_id}")
+    for gen_id in gens:
+        wait_for(lambda g=gen_id: status(stack2.urls[1], g)["viewers"] == 0, 10, 0.05,
+                 "no viewer")
 
 
 def test_queue_and_control_live_on_the_queue_redis(

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, MISSING, TIMEOUT_MS
 from tests.stack import ROOT, Stack, wait_for
-from tests.test_web_browser import _MISSING, CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
-if _MISSING is None:
+if MISSING is None:
     from playwright.sync_api import sync_playwright
 if TYPE_CHECKING:
     from playwright.sync_api import Page

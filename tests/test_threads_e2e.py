@@ -164,12 +164,18 @@ def test_reload_mid_answer_resumes_on_the_other_api_process(stack: Stack) -> Non
 
 
 def test_thread_token_reads_only_its_thread(stack: Stack) -> None:
-    """A thread's token reads it and its stream, never another thread, and never posts or deletes."""
+    """A thread's token reads it and its stream, never another thread, and never posts or deletes;
+    its tenant's GET hands out a fresh one (a reopened page), a token holder's GET none."""
     t = new_thread(stack.url)
     other = new_thread(stack.url)
     token = {"token": t["stream_token"]}
     base = f"{stack.url}/v1/threads"
-    assert httpx.get(f"{base}/{t['id']}", params=token).status_code == 200
+    read = httpx.get(f"{base}/{t['id']}", params=token)
+    assert read.status_code == 200
+    assert read.json()["stream_token"] is None, "a token holder gets no fresh token"
+    reopened = httpx.get(f"{base}/{t['id']}", headers=ACME).json()["stream_token"]
+    assert httpx.get(f"{base}/{t['id']}", params={"token": reopened}).status_code == 200
+    assert httpx.get(f"{base}/{other['id']}", params={"token": reopened}).status_code == 404
     assert httpx.get(f"{base}/{t['id']}/stream", params=token).status_code == 204
     assert httpx.get(f"{base}/{other['id']}", params=token).status_code == 404
     assert httpx.post(f"{base}/{t['id']}/messages", params=token,

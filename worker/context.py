@@ -50,7 +50,8 @@ class WorkerContext:
             providers=build_providers(settings),
             # Wake-ups and cancels arrive on the queue's Redis (pub/sub); flags live
             # with the streams.
-            control=Control(redis, channels=queue),
+            control=Control(redis, channels=queue, abandon_grace_s=settings.abandon_grace_s,
+                            presence_ttl_s=settings.presence_ttl_s),
             lease=Lease(redis, queue, lifecycle, settings.max_attempts),
             lifecycle=lifecycle,
         )

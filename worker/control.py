@@ -3,7 +3,11 @@
 One pub/sub connection per worker process carries both: an enqueue wakes the
 poll loop at once (instead of arq's ``poll_delay``), and a cancel reaches the
 running generation within a round trip. Pub/sub is lossy across reconnects, so
-a slow poll of the cancel flags backs it up.
+a slow poll of the cancel flags backs it up. The same poll asks presence about the
+generations whose request said ``on_disconnect: cancel``: one with no viewer on any
+API process for ABANDON_GRACE_S is cancelled like any other (its flag set, then its
+cancel event). The worker that runs a generation watches it, so the check survives
+any API process, and a lost worker's successor takes it over.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from tokenrelay.shared import keys
+from tokenrelay.shared import keys, presence
 from tokenrelay.shared.redis import Backoff, text
 from tokenrelay.worker.tasks import stop_tasks
 
@@ -25,9 +29,15 @@ CANCEL_POLL_S = 1.0
 
 
 class Control:
-    def __init__(self, redis: Redis, channels: Redis | None = None):
+    def __init__(self, redis: Redis, channels: Redis | None = None, *,
+                 abandon_grace_s: float = 10.0, presence_ttl_s: float = 3.0):
         self._redis = redis  # cancel flags, next to the generations' streams
         self._channels = channels or redis  # pub/sub: the queue's Redis (never a Cluster)
+        self._grace_s = abandon_grace_s
+        self._keep_ms = presence.lifetime_ms(presence_ttl_s, abandon_grace_s)
+        # Generations to cancel when abandoned (a count: two runs of one may overlap here).
+        self._abandonable: dict[str, int] = {}
+        self.abandoned: set[str] = set()  # cancelled by this worker for want of a viewer
         self.wake = asyncio.Event()
         # A set per generation: two runs of one generation in one process (a restart
         # landing here) each keep their own event, and a cancel reaches both.
@@ -55,6 +65,18 @@ class Control:
             events.discard(event)
             if not events:
                 del self._cancels[gen_id]
+
+    def watch_presence(self, gen_id: str) -> None:
+        """Cancel ``gen_id`` once it has had no viewer for the grace (``on_disconnect:
+        cancel``); call ``unwatch_presence`` after."""
+        self._abandonable[gen_id] = self._abandonable.get(gen_id, 0) + 1
+
+    def unwatch_presence(self, gen_id: str) -> None:
+        left = self._abandonable.pop(gen_id, 1) - 1
+        if left > 0:
+            self._abandonable[gen_id] = left
+        else:
+            self.abandoned.discard(gen_id)
 
     def _cancel(self, gen_id: str) -> None:
         for event in self._cancels.get(gen_id, ()):
@@ -104,3 +126,16 @@ class Control:
             for gen_id, flag in zip(ids, flags, strict=True):
                 if flag:
                     self._cancel(gen_id)
+            await self._cancel_abandoned()
+
+    async def _cancel_abandoned(self) -> None:
+        watched = [gen_id for gen_id in self._abandonable if gen_id not in self.abandoned]
+        try:
+            found = await presence.abandoned(self._redis, watched, self._grace_s, self._keep_ms)
+        except (RedisError, OSError) as exc:
+            logger.warning("presence check failed: %s", exc)
+            return
+        for gen_id in found:
+            logger.info("no viewer for %gs: cancelling generation_id=%s", self._grace_s, gen_id)
+            self.abandoned.add(gen_id)
+            self._cancel(gen_id)

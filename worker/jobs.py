@@ -18,8 +18,8 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
+from tokenrelay.shared import costs, keys, lifecycle, models, queue, streams
 from tokenrelay.shared import events as ev
-from tokenrelay.shared import keys, lifecycle, models, queue, streams
 from tokenrelay.shared.errors import ProviderError
 from tokenrelay.shared.lifecycle import Ending, Timing
 from tokenrelay.shared.redis import awaited, retrying
@@ -89,8 +89,10 @@ class _Decoded:
     (one, or the fallbacks in order)."""
 
     candidates: list[tuple[Provider, str]]
+    models: list[str]  # each candidate's model as the request names it (PRICES' keys)
     request: GenerationRequest
     timing: Timing
+    abandon: bool  # on_disconnect: cancel once no viewer has been connected for the grace
 
 
 async def _run(wc: WorkerContext, gen_id: str, attempt: int, cancel: asyncio.Event,
@@ -104,13 +106,29 @@ async def _run(wc: WorkerContext, gen_id: str, attempt: int, cancel: asyncio.Eve
         timing = None
     else:
         timing = decoded.timing
-        ending = await _race(
-            _pump(wc, gen_id, attempt, decoded), cancel, wc.settings.max_generation_s, gen_id
-        )
+        ending = await _stream(wc, gen_id, attempt, decoded, cancel)
     if ending is None:
         return "fenced"
     await wc.lifecycle.end(gen_id, attempt, ending, timing)
     return ending.event_type
+
+
+async def _stream(wc: WorkerContext, gen_id: str, attempt: int, decoded: _Decoded,
+                  cancel: asyncio.Event) -> Ending | None:
+    """Pump the provider under the cancel, the time limit and, with ``on_disconnect:
+    cancel``, the watch for a generation nobody watches any more."""
+    if decoded.abandon:
+        wc.control.watch_presence(gen_id)
+    try:
+        ending = await _race(_pump(wc, gen_id, attempt, decoded), cancel,
+                             wc.settings.max_generation_s, gen_id)
+        if (ending is not None and ending.event_type == ev.CANCELLED
+                and gen_id in wc.control.abandoned):
+            ending = lifecycle.cancelled(reason="abandoned")
+        return ending
+    finally:
+        if decoded.abandon:
+            wc.control.unwatch_presence(gen_id)
 
 
 def _decode(providers: Providers, meta: list[Any]) -> _Decoded | Ending | None:
@@ -120,8 +138,9 @@ def _decode(providers: Providers, meta: list[Any]) -> _Decoded | Ending | None:
     if raw_request is None:
         return None
     body = json.loads(raw_request)
+    names = models.candidates(body["model"])
     try:
-        candidates = [providers.resolve(model) for model in models.candidates(body["model"])]
+        candidates = [providers.resolve(model) for model in names]
     except ProviderError as exc:
         return _provider_failure(exc)
     request = GenerationRequest(
@@ -131,11 +150,14 @@ def _decode(providers: Providers, meta: list[Any]) -> _Decoded | Ending | None:
         temperature=body.get("temperature"),
         extra=body.get("extra") or {},
     )
-    return _Decoded(candidates, request, Timing(float(created_at or 0), float(started_at or 0)))
+    return _Decoded(candidates, names, request,
+                    Timing(float(created_at or 0), float(started_at or 0)),
+                    abandon=body.get("on_disconnect") == "cancel")
 
 
 async def _pump(wc: WorkerContext, gen_id: str, attempt: int, decoded: _Decoded) -> Finish:
-    """Append the deltas of the first candidate that answers, in order; its ``Finish``.
+    """Append the deltas of the first candidate that answers, in order; its ``Finish``,
+    its usage priced (PRICES) for the model that answered.
 
     A candidate that fails retryably before its first delta hands over to the next
     (fallbacks); after a delta, or on the last candidate, the failure is the outcome.
@@ -144,13 +166,16 @@ async def _pump(wc: WorkerContext, gen_id: str, attempt: int, decoded: _Decoded)
     for index, (provider, name) in enumerate(decoded.candidates):
         request = replace(decoded.request, model=name)
         try:
-            return await _pump_one(wc, gen_id, attempt, provider, request, decoded.timing)
+            finish = await _pump_one(wc, gen_id, attempt, provider, request, decoded.timing)
         except ProviderError as exc:
             if index == last or not exc.retryable or decoded.timing.first_delta:
                 raise
             logger.warning("model %s failed before its first token (%s); falling back to %s "
                            "generation_id=%s", json.dumps(name), exc.code,
                            json.dumps(decoded.candidates[index + 1][1]), gen_id)
+        else:
+            return replace(finish, usage=costs.priced(wc.settings.prices, decoded.models[index],
+                                                      finish.usage))
     raise AssertionError("unreachable: the last candidate returns or raises")
 
 

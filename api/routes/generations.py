@@ -10,6 +10,7 @@ from tokenrelay.api import generations
 from tokenrelay.api.deps import GenerationId, Principal, Reader, State, Tenant
 from tokenrelay.api.schemas import GenerationCreate, GenerationCreated, GenerationStatus
 from tokenrelay.api.sse import EventStreamResponse
+from tokenrelay.shared import presence
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
@@ -59,9 +60,11 @@ async def create_generation(
 
 @router.get("/{gen_id}", response_model=GenerationStatus, responses=_ERRORS)
 async def get_generation(gen_id: GenerationId, state: State, who: Reader) -> GenerationStatus:
-    """Status of a generation, with all its text so far."""
+    """Status of a generation, with all its text so far and its viewers."""
     meta, content = await generations.load(state, who, gen_id)
-    return generations.status_body(gen_id, meta, content)
+    body = generations.status_body(gen_id, meta, content)
+    body.viewers = await presence.count(state.redis, gen_id)
+    return body
 
 
 @router.get(

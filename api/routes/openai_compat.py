@@ -7,6 +7,7 @@ lines of its chunks let a client resume or share it through the native API.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -131,16 +132,32 @@ async def _chunk_frames(state: AppState, gen_id: str, view: ChunkStream,
 
 
 async def _wait(state: AppState, request: Request, gen_id: str, completion: Completion) -> bool:
-    """Feed ``completion`` until the terminal event; False if the client left first."""
+    """Feed ``completion`` until the terminal event; False if the client left first. Its
+    viewer then leaves the hub at once, so the generation's on_disconnect applies."""
+    feeding = asyncio.create_task(_feed(state, gen_id, completion))
+    leaving = asyncio.create_task(_client_gone(request))
+    try:
+        await asyncio.wait({feeding, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not feeding.done():
+            feeding.cancel()
+        await asyncio.wait({feeding, leaving})
+    return False if feeding.cancelled() else feeding.result()
+
+
+async def _feed(state: AppState, gen_id: str, completion: Completion) -> bool:
     async with _events(state, gen_id) as events:
         async for event in events:
-            if event is None:
-                if await request.is_disconnected():
-                    return False  # the generation goes on; the client can read it by its id
-                continue
-            if completion.feed(event):
+            if event is not None and completion.feed(event):
                 return True
     raise _stream_lost(gen_id)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (its body has been read: nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _stream_lost(gen_id: str) -> OpenAIError:

@@ -68,6 +68,8 @@ async def get_thread(
     body = await threads.body(state, await threads.load(state, who, thread_id))
     if format == "markdown":
         return PlainTextResponse(threads.markdown(body), media_type="text/markdown")
+    if who.generation is None:  # the tenant: a page that reopens the thread needs a token
+        body.stream_token = state.tokens.issue(thread_id)
     return body
 
 

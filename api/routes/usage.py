@@ -1,4 +1,4 @@
-"""GET /v1/usage: the caller's running totals (tokens, and generations by final status)."""
+"""GET /v1/usage: the caller's running totals (tokens, cost, and generations by final status)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ class UsageTotals(BaseModel):
     generations: dict[str, int] = Field(
         description="ended generations by final status: completed, failed, cancelled"
     )
+    cost: float | None = Field(
+        None, description="USD over the generations whose model PRICES prices (null: none)")
 
 
 @router.get("/usage", response_model=UsageTotals,
@@ -32,4 +34,5 @@ async def get_usage(state: State, tenant: Tenant) -> UsageTotals:
         completion_tokens=found.completion_tokens,
         total_tokens=found.total_tokens,
         generations=found.generations,
+        cost=found.cost,
     )

@@ -1,4 +1,4 @@
-"""The web page at ``/``: static HTML, CSS and one ES module from ``api/static/``, no build step.
+"""The web page at ``/``: static HTML, CSS and a few ES modules from ``api/static/``, no build step.
 
 The HTML carries one value of the server's: the default model, the model field's value.
 
@@ -22,10 +22,12 @@ from tokenrelay.shared.errors import NotFound
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 
+_JS = "text/javascript; charset=utf-8"
 # name -> media type; anything else under /static/ is a 404.
 _ASSETS = {
-    "app.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
+    **{f"{module}.js": _JS for module in ("app", "api", "answer", "chat", "markdown", "stream",
+                                           "view")},
 }
 
 _HEADERS = {
@@ -49,7 +51,8 @@ def _page() -> str:
 
 @router.get("/")
 async def index(state: State) -> HTMLResponse:
-    """The chat / live-viewer page (``/?view=ID&token=T`` opens the read-only viewer)."""
+    """The chat page (``/?thread=ID`` reopens a thread; ``/?view=ID&token=T`` is the read-only
+    live view of a shared thread or answer)."""
     default_model = html.escape(state.settings.default_model, quote=True)
     return HTMLResponse(_page().replace("{{default_model}}", default_model), headers=_HEADERS)
 

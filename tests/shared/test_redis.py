@@ -39,6 +39,24 @@ async def test_a_script_survives_the_server_forgetting_it(client: Redis) -> None
     assert await script(client, ["k3"], "v3") == [b"k3", b"v3"]
 
 
+async def test_many_runs_a_script_per_call_in_order_even_after_a_flush(client: Redis) -> None:
+    """One pipeline of calls answers in order, on a server that knows the script or not;
+    an error of one call is raised."""
+    script = Script("return {KEYS[1], ARGV[1]}")
+    calls = [([f"k{i}"], [f"v{i}"]) for i in range(5)]
+    expected = [[f"k{i}".encode(), f"v{i}".encode()] for i in range(5)]
+    assert await script.many(client, calls) == expected  # never sent: EVAL for each
+    assert await script.many(client, calls) == expected  # by SHA
+    await client.script_flush()
+    assert await script.many(client, calls) == expected
+    assert await script.many(client, []) == []
+    failing = Script("return redis.call('INCR', KEYS[1])")
+    await client.set("text", "not a number")
+    with pytest.raises(ResponseError):
+        await failing.many(client, [(["n"], []), (["text"], [])])
+    assert await client.get("n") == b"1"  # the other call ran
+
+
 async def test_a_script_error_is_raised(client: Redis) -> None:
     """A failing script raises; it is not mistaken for a missing one."""
     script = Script("return redis.call('INCR', KEYS[1])")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from tokenrelay.shared.settings import Settings
 
@@ -16,13 +17,26 @@ def test_api_keys_map_keys_to_tenants(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(("name", "value"), [("TOKENRELAY_API_KEYS", "nocolon"),
                                              ("TOKENRELAY_HEARTBEAT_S", "soon"),
-                                             ("TOKENRELAY_RETENTION_S", "-5")])
+                                             ("TOKENRELAY_RETENTION_S", "-5"),
+                                             ("TOKENRELAY_PRICES", '{"fake:echo": [1]}'),
+                                             ("TOKENRELAY_PRICES", '{"fake:echo": [1, -2]}'),
+                                             ("TOKENRELAY_PRESENCE_TTL_S", "0.5"),
+                                             ("TOKENRELAY_OPENAI_ON_DISCONNECT", "keep")])
 def test_bad_values_stop_start_up(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     """A wrong value raises a validation error that names the setting."""
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError) as info:
         Settings()
     assert name.removeprefix("TOKENRELAY_").lower() in str(info.value)
+
+
+def test_prices_are_json_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PRICES maps each model to its USD per million input and output tokens."""
+    monkeypatch.setenv("TOKENRELAY_PRICES", '{"openai:gpt-4o-mini": [0.15, 0.6]}')
+    assert Settings().prices == {"openai:gpt-4o-mini": (0.15, 0.6)}
+    monkeypatch.setenv("TOKENRELAY_PRICES", "cheap")
+    with pytest.raises(SettingsError, match="prices"):
+        Settings()
 
 
 def test_stream_token_ttl_defaults_to_retention(monkeypatch: pytest.MonkeyPatch) -> None:
