@@ -17,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 
 from tests import client
 from tests.client import collect, stored_generations, text_of
-from tests.stack import Stack
+from tests.stack import Stack, wait_for
 from tokenrelay.shared.events import Event
 
 pytestmark = pytest.mark.slow  # starts real processes
@@ -26,6 +26,7 @@ ACME = {"Authorization": "Bearer k-acme"}
 GLOBEX = {"Authorization": "Bearer k-globex"}
 MAX_SUBS = 4
 TIMEOUT = 30.0
+GRACE_S = 1.0  # on_disconnect cancel: how long a generation may have no viewer
 WORDS = " ".join(f"w{i}" for i in range(40))  # fake:echo at 30 words/s: over a second
 
 
@@ -41,6 +42,7 @@ def stack() -> Iterator[Stack]:
         # connection: a socket outlives them in the first test.
         "TOKENRELAY_REQUEST_HEAD_TIMEOUT_S": "1",
         "TOKENRELAY_REQUEST_BODY_TIMEOUT_S": "1",
+        "TOKENRELAY_ABANDON_GRACE_S": str(GRACE_S),
     })
     yield s
     s.stop()
@@ -331,3 +333,26 @@ async def test_thread_messages_over_the_socket(stack: Stack) -> None:
         assert mine[gen_id] == sse
         answer = await reply(watcher, type="subscribe", thread_id=thread["id"])
         assert answer == {"type": "subscribed", "generation_id": None, "thread_id": thread["id"]}
+
+
+async def test_a_socket_is_a_viewer_for_on_disconnect_cancel(stack: Stack) -> None:
+    """A generation created over the socket with on_disconnect cancel counts the socket as its
+    viewer: it runs past the grace while subscribed, and is cancelled (abandoned) once the
+    socket is gone."""
+    async with connect(ws_url(stack.urls[0]), additional_headers=ACME) as ws:
+        created = await reply(ws, type="create", request={
+            "model": "fake:lorem", "prompt": "x", "max_tokens": 2000, "on_disconnect": "cancel"})
+        gen_id = created["generation_id"]
+        assert (await receive(ws))["type"] == "subscribed"
+        until = time.monotonic() + 3 * GRACE_S
+        while time.monotonic() < until:  # reading events for three graces
+            assert (await receive(ws))["event"] in ("status", "delta")
+        now = client.status(stack.urls[1], gen_id, ACME)
+        assert (now["status"], now["viewers"]) == ("running", 1)
+    left = time.monotonic()
+    await asyncio.to_thread(  # the status, not the events: a reader of those is a viewer
+        wait_for, lambda: client.status(stack.urls[1], gen_id, ACME)["status"] == "cancelled",
+        GRACE_S + 10, 0.1, "the abandoned generation to end")
+    assert time.monotonic() - left >= GRACE_S - 0.2
+    events = collect(stack.urls[1], gen_id, headers=ACME)
+    assert events[-1].type == "cancelled" and events[-1].data == {"reason": "abandoned"}
