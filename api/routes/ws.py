@@ -36,8 +36,14 @@ class WebSocketDoor:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket" or scope["path"] != PATH:
+        if scope["type"] not in ("websocket", "http") or scope["path"] != PATH:
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "http":  # a plain request for the socket's path
+            _, body = native_shape(Failure(426, "upgrade_required", f"{PATH} is a WebSocket: "
+                                           "connect with Upgrade: websocket"))
+            response = JSONResponse(body, status_code=426, headers={"Upgrade": "websocket"})
+            await response(scope, receive, send)
             return
         await serve(WebSocket(scope, receive, send),
                     send if FRAMES in scope.get("extensions", {}) else None)

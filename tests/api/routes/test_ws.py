@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -51,3 +52,12 @@ async def test_a_socket_past_the_viewer_limit_is_refused_with_503(one_viewer: Ap
         assert b'"code":"overloaded"' in response.body
         await first.send('{"type":"ping"}')
         assert await first.recv() == '{"type":"pong"}'
+
+
+async def test_a_plain_http_request_is_426(one_viewer: Api) -> None:
+    """GET /v1/ws without the upgrade: 426 Upgrade Required, in the native error shape."""
+    async with httpx.AsyncClient(base_url=one_viewer.url) as http:
+        response = await http.get("/v1/ws")
+    assert response.status_code == 426
+    assert response.headers["upgrade"] == "websocket"
+    assert response.json()["error"]["code"] == "upgrade_required"
