@@ -1,32 +1,20 @@
 """``/v1/ws`` from a browser's own WebSocket: Debian's chromium driven by Playwright (never a
-downloaded browser). The test skips when chromium or playwright is missing."""
+downloaded browser), through the browser tests' harness (tests/browser.py: skipped when
+chromium or playwright is missing, except in CI)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, MISSING
 from tests.client import collect
 from tests.stack import Stack
 from tokenrelay.shared.events import Event
 
-
-def _missing() -> str | None:
-    if importlib.util.find_spec("playwright") is None:
-        return "the Python package 'playwright' is not installed"
-    chromium = os.environ.get("TOKENRELAY_CHROMIUM", "/usr/bin/chromium")
-    if not Path(chromium).exists():
-        return f"{chromium} not found: install Debian's chromium (apt-get install chromium)"
-    return None
-
-
-_MISSING = _missing()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
 KEY = "k-web"
 
@@ -81,8 +69,6 @@ def ws_stack() -> Iterator[Stack]:
 def test_browser_websocket_streams_a_generation_like_sse(ws_stack: Stack) -> None:
     """Chromium's WebSocket on the API's own origin authenticates by message, creates a generation and receives exactly the SSE stream's events; a page of another origin is refused."""
     from playwright.sync_api import sync_playwright
-
-    from tests.test_web_browser import CHROMIUM, CHROMIUM_ARGS  # its launch, once chromium is here
 
     ws_url = ws_stack.url.replace("http://", "ws://") + "/v1/ws"
     with sync_playwright() as p:
