@@ -15,13 +15,39 @@ timeout applies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from asyncio import TimerHandle
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokenrelay.shared.settings import get_settings
 
 KEEP_ALIVE_S = 5  # uvicorn's timeout_keep_alive: an idle connection between requests
+# The ASGI extension through which a response drops its connection at once (a viewer that
+# stopped reading, cut by the send timeout): scope["extensions"][RESET]["reset"]().
+RESET = "tokenrelay.http.reset"
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Drop a connection with a TCP reset: the kernel discards what it still holds for the
+    peer. A close() would wait for a peer that never reads, keeping the socket and its
+    buffers (megabytes) for as long as the peer lives."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def reset_connection(scope: Any) -> None:
+    """Reset the connection of ``scope`` if its server offers it (``tokenrelay api`` does;
+    elsewhere the server's own close applies)."""
+    found = scope.get("extensions", {}).get(RESET)
+    if found is not None:
+        found["reset"]()
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -53,6 +79,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = {RESET: {"reset": self._reset}}
         if not self._in_head:  # the next request on a kept-alive connection
             self._head_started()
 
@@ -90,6 +117,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.logger.warning("closing a request whose body took over %g s",
                                 self._body_timeout_s)
             self.transport.close()
+
+    def _reset(self) -> None:
+        if not self.transport.is_closing():
+            reset(self.transport)
 
     def _refuse(self, status: bytes, message: str) -> None:
         self._stop_clock()

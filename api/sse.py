@@ -29,6 +29,8 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from tokenrelay.api.protocol import reset_connection
+
 logger = logging.getLogger(__name__)
 
 # A comment line alone: no blank line after it, so that lax SSE parsers (httpx-sse,
@@ -229,6 +231,8 @@ class EventStreamResponse(Response):
             if not conn.closing or task is None:
                 raise
             task.uncancel()
+            if conn.stalled:  # the peer stopped reading: drop it, don't wait for it to drain
+                reset_connection(scope)
         finally:
             self.connections.open.discard(conn)
             watcher.cancel()

@@ -20,15 +20,14 @@ of a close that would wait for the peer forever.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import struct
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 from websockets.protocol import State
+
+from tokenrelay.api.protocol import reset
 
 FRAMES = "tokenrelay.websocket.frames"  # the extension's name, and its message type
 # Drop the connection at once (a peer that stopped reading): a close() would wait for the
@@ -45,11 +44,7 @@ class FramesWebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def send(self, message: Any) -> None:
         if message["type"] == ABORT:
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:  # a reset: the kernel drops what it still holds for the peer
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.transport.abort()
+            reset(self.transport)
             return
         if message["type"] != FRAMES:
             await super().send(message)

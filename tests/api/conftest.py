@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.api.server import Api, serve
+from tokenrelay.api.protocol import GuardedHttpToolsProtocol
 from tokenrelay.cli.redis_server import RedisServer
 
 
@@ -15,3 +16,12 @@ async def api(redis_server: RedisServer) -> AsyncIterator[Api]:
     """One API (heartbeat 0.2 s, send timeout 0.5 s) on a private redis-server, no worker."""
     async with serve(redis_server, heartbeat_s=0.2, send_timeout_s=0.5) as running:
         yield running
+
+
+@pytest.fixture(params=["uvicorn", "tokenrelay api"])
+async def either_api(request: pytest.FixtureRequest,
+                     redis_server: RedisServer) -> AsyncIterator[tuple[Api, str]]:
+    """The same, served with uvicorn's HTTP protocol or with ``tokenrelay api``'s."""
+    http = "auto" if request.param == "uvicorn" else GuardedHttpToolsProtocol
+    async with serve(redis_server, http=http, heartbeat_s=0.2, send_timeout_s=0.5) as running:
+        yield running, request.param

@@ -55,14 +55,14 @@ async def until(predicate: Callable[[], Any], what: str, within: float = 10.0) -
 
 
 @contextlib.asynccontextmanager
-async def serve(redis_server: RedisServer, ws: Any = "auto", **overrides: Any
-                ) -> AsyncIterator[Api]:
-    """``ws``: uvicorn's WebSocket protocol (name or class)."""
+async def serve(redis_server: RedisServer, ws: Any = "auto", http: Any = "auto",
+                **overrides: Any) -> AsyncIterator[Api]:
+    """``ws``, ``http``: uvicorn's WebSocket and HTTP protocols (names or classes)."""
     settings = Settings(**{"redis_url": redis_server.url, "api_keys": None, **overrides})
     app = create_app(settings)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
-                            lifespan="on", timeout_graceful_shutdown=2, ws=ws,
+                            lifespan="on", timeout_graceful_shutdown=2, ws=ws, http=http,
                             ws_per_message_deflate=ws == "auto")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
