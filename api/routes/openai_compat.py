@@ -32,17 +32,18 @@ router = APIRouter(prefix="/v1", tags=["openai-compatible"])
 # This endpoint, as an Idempotency-Key's request fingerprint names it.
 ENDPOINT = "POST /v1/chat/completions"
 
-_REQUEST_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {
-            "type": "object",
-            "description": "An OpenAI Chat Completions request (model, messages, stream, "
-                           "stream_options, max_tokens | max_completion_tokens, temperature, "
-                           "tools, tool_choice, metadata).",
-        }}},
-    }
-}
+
+
+def json_body(description: str) -> dict[str, Any]:
+    """An endpoint's request body in the OpenAPI document: a JSON object read by hand (so that
+    errors come in OpenAI's shape, not FastAPI's), described in words."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"type": "object", "description": description}}}}}
+
+
+_REQUEST_BODY = json_body(
+    "An OpenAI Chat Completions request (model, messages, stream, stream_options, max_tokens | "
+    "max_completion_tokens, temperature, tools, tool_choice, metadata).")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "Bad request (OpenAI error shape)"},
     401: {"description": "No or bad API key"},

@@ -14,21 +14,14 @@ from fastapi.responses import JSONResponse
 
 from tokenrelay.api import generations, response_request, responses
 from tokenrelay.api.deps import State, Tenant
-from tokenrelay.api.routes.openai_compat import CLIENT_CLOSED
+from tokenrelay.api.routes.openai_compat import CLIENT_CLOSED, json_body
 
 router = APIRouter(prefix="/v1/responses", tags=["openai-compatible"])
 
-_REQUEST_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {
-            "type": "object",
-            "description": "An OpenAI Responses request (model, input, instructions, stream, "
-                           "background, previous_response_id, max_output_tokens, temperature, "
-                           "top_p, tools, tool_choice, text, metadata).",
-        }}},
-    }
-}
+_REQUEST_BODY = json_body(
+    "An OpenAI Responses request (model, input, instructions, stream, background, "
+    "previous_response_id, max_output_tokens, temperature, top_p, tools, tool_choice, text, "
+    "metadata).")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     200: {"description": "The Response object, or with `stream` its events (text/event-stream)"},
     400: {"description": "Bad request (OpenAI error shape)"},
