@@ -1,0 +1,296 @@
+"""The write path of the chat case: one worker, N generations at R tokens/s each.
+
+    python bench/writepath.py --n 1000 --rate 30 --seconds 10
+    python bench/writepath.py --n 200 --rate 30 --coalesce-ms 0 --json out.json
+
+Starts its own redis-server, one API process (only to create the generations)
+and one worker (a real arq worker process, ``fake:lorem``), creates ``--n``
+generations spread evenly over ``--spread`` seconds (so their tokens are spread
+in phase; each starts ``FAKE_TTFT_MS`` after its worker picks it up), and reads
+every stream directly with XREAD in this process (no API in the delivery path:
+this measures the worker and Redis, not SSE).
+
+Reported, over the steady window (from the moment every generation has started to
+the first terminal event) and over the whole run:
+
+- deltas/s and tokens/s written (entries and words seen by the reader);
+- worker CPU µs per token (/proc/<pid>/stat utime+stime);
+- Redis CPU µs per token (INFO cpu used_cpu_user+used_cpu_sys) and Redis commands
+  executed per token (INFO commandstats; the reader's XREADs and this script's INFO
+  calls are counted apart);
+- delivery latency: a delta's arrival at the reader minus the time the fake model
+  emitted its first word. The fake emits word k at start + TTFT + k/R on an absolute
+  schedule, and start is taken as the ``running`` event's entry id (Redis's clock, a
+  little before the provider is called), so the figure errs on the high side;
+- loss: every generation's text, as read from its stream and as stored in its
+  ``content`` key, equals what ``fake:lorem`` emits (no word lost, none twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis as redis_sync
+from redis.asyncio import Redis
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import install_uvloop, summary  # noqa: E402
+from tests.stack import Stack  # noqa: E402
+from tokenrelay.worker.providers.fake import LOREM  # noqa: E402
+
+TERMINAL = {b"done", b"error", b"cancelled"}
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+class Counters:
+    """Worker CPU, Redis CPU and Redis command counts, sampled at a moment."""
+
+    def __init__(self, client: redis_sync.Redis, worker_pid: int):
+        self.client = client
+        self.worker_pid = worker_pid
+
+    def sample(self) -> dict[str, Any]:
+        cpu: dict[str, Any] = self.client.info("cpu")
+        stats: dict[str, Any] = self.client.info("commandstats")
+        return {
+            "t": time.monotonic(),
+            "worker_cpu_s": proc_cpu_s(self.worker_pid),
+            "redis_cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+            "calls": {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()},
+        }
+
+
+class Reader:
+    """Follows every generation's stream with one blocking XREAD; records each delta."""
+
+    def __init__(self, redis: Redis, rate: float, ttft_ms: float):
+        self.redis = redis
+        self.rate = rate
+        self.ttft_ms = ttft_ms
+        self.cursors: dict[bytes, bytes] = {}
+        self.text: dict[bytes, list[str]] = {}
+        self.words: dict[bytes, int] = {}
+        self.started_ms: dict[bytes, int] = {}
+        self.ended: dict[bytes, bytes] = {}
+        self.latency_ms: list[float] = []
+        self.arrivals: list[tuple[float, int]] = []  # (monotonic time, words) per delta
+        self.all_started = asyncio.Event()
+        self.first_end = asyncio.Event()
+        self.expected = 0
+
+    def follow(self, key: bytes) -> None:
+        self.cursors[key] = b"0-0"
+        self.text[key] = []
+        self.words[key] = 0
+
+    async def run(self, deadline: float) -> None:
+        while len(self.ended) < self.expected and time.monotonic() < deadline:
+            streams = {k: c for k, c in self.cursors.items() if k not in self.ended}
+            if not streams:
+                await asyncio.sleep(0.01)
+                continue
+            reply = await self.redis.xread(streams, block=1000)  # type: ignore[arg-type]
+            now_ms = time.time() * 1000
+            mono = time.monotonic()
+            for key, entries in reply or []:
+                for entry_id, fields in entries:
+                    self.cursors[key] = entry_id
+                    self._entry(key, entry_id, fields, now_ms, mono)
+
+    def _entry(self, key: bytes, entry_id: bytes, fields: dict[bytes, bytes], now_ms: float,
+               mono: float) -> None:
+        kind = fields[b"t"]
+        if kind == b"delta":
+            content = json.loads(fields[b"d"]).get("content", "")
+            first_word = self.words[key]
+            words = len(content.split())
+            self.words[key] += words
+            self.text[key].append(content)
+            self.arrivals.append((mono, words))
+            if key in self.started_ms:
+                emitted = self.started_ms[key] + self.ttft_ms + first_word * 1000 / self.rate
+                self.latency_ms.append(now_ms - emitted)
+        elif kind == b"status" and fields[b"d"] == b'{"status":"running"}':
+            self.started_ms[key] = int(entry_id.split(b"-")[0])
+            if len(self.started_ms) == self.expected:
+                self.all_started.set()
+        elif kind in TERMINAL:
+            self.ended[key] = kind
+            self.first_end.set()
+
+
+def expected_text(tokens: int) -> str:
+    return " ".join(itertools.islice(itertools.cycle(LOREM), tokens))
+
+
+async def _create(url: str, n: int, tokens: int, spread_s: float, reader: Reader) -> list[str]:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
+        t0 = time.monotonic()
+
+        async def one(i: int) -> str:
+            await asyncio.sleep(max(0.0, t0 + i * spread_s / n - time.monotonic()))
+            response = await client.post(f"{url}/v1/generations", json={
+                "model": "fake:lorem", "prompt": "x", "max_tokens": tokens})
+            response.raise_for_status()
+            gen_id: str = response.json()["id"]
+            reader.follow(f"tr:{{{gen_id}}}:events".encode())
+            return gen_id
+
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def _per_token(a: dict[str, Any], b: dict[str, Any], tokens: int) -> dict[str, Any]:
+    calls = {k: v - a["calls"].get(k, 0) for k, v in b["calls"].items()
+             if v - a["calls"].get(k, 0) > 0}
+    reads = {k: calls.pop(k) for k in ("xread", "info") if k in calls}
+    written = sum(calls.values())
+    tokens = max(tokens, 1)
+    return {
+        "seconds": b["t"] - a["t"],
+        "tokens": tokens,
+        "worker_cpu_us_per_token": 1e6 * (b["worker_cpu_s"] - a["worker_cpu_s"]) / tokens,
+        "worker_cpu_share": (b["worker_cpu_s"] - a["worker_cpu_s"]) / (b["t"] - a["t"]),
+        "redis_cpu_us_per_token": 1e6 * (b["redis_cpu_s"] - a["redis_cpu_s"]) / tokens,
+        "redis_commands_per_token": written / tokens,
+        "reader_commands_per_token": sum(reads.values()) / tokens,
+        "commands": calls,
+    }
+
+
+def _tokens_between(reader: Reader, t0: float, t1: float) -> tuple[int, int]:
+    deltas = [w for t, w in reader.arrivals if t0 <= t <= t1]
+    return len(deltas), sum(deltas)
+
+
+async def _measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    tokens = round(args.rate * args.seconds)
+    sync = redis_sync.Redis.from_url(stack.redis_url)
+    counters = Counters(sync, stack.workers[0].pid)
+    redis = Redis.from_url(stack.redis_url)
+    reader = Reader(redis, args.rate, args.ttft_ms)
+    reader.expected = args.n
+    begin = counters.sample()
+    window: dict[str, dict[str, Any]] = {}
+
+    async def sample_window() -> None:
+        await reader.all_started.wait()
+        window["start"] = counters.sample()
+        await reader.first_end.wait()
+        window["end"] = counters.sample()
+
+    sampler = asyncio.create_task(sample_window())
+    # Each stream is followed from the moment its POST answers, while the rest are created.
+    read = asyncio.create_task(reader.run(time.monotonic() + args.seconds * 6 + args.spread + 120))
+    gen_ids = await _create(stack.url, args.n, tokens, args.spread, reader)
+    await read
+    end = counters.sample()
+    sampler.cancel()
+    want = expected_text(tokens)
+    lost = {"stream_mismatch": 0, "content_mismatch": 0, "not_done": 0}
+    for gen_id in gen_ids:
+        key = f"tr:{{{gen_id}}}:events".encode()
+        if reader.ended.get(key) != b"done":
+            lost["not_done"] += 1
+        if "".join(reader.text[key]) != want:
+            lost["stream_mismatch"] += 1
+        stored = sync.get(f"tr:{{{gen_id}}}:content")
+        if (stored or b"").decode() != want:
+            lost["content_mismatch"] += 1
+    await redis.aclose()
+    sync.close()
+    result: dict[str, Any] = {
+        "n": args.n, "rate": args.rate, "tokens_per_generation": tokens,
+        "ttft_ms": args.ttft_ms, "spread_s": args.spread, "env": args.env,
+        "loss": lost, "loadavg_1m": os.getloadavg()[0],
+        "delivery_ms": summary(reader.latency_ms),
+        "whole_run": _per_token(begin, end, args.n * tokens),
+    }
+    result["whole_run"]["deltas_per_s"] = len(reader.arrivals) / result["whole_run"]["seconds"]
+    if "end" in window:
+        w0, w1 = window["start"], window["end"]
+        deltas, words = _tokens_between(reader, w0["t"], w1["t"])
+        steady = _per_token(w0, w1, words)
+        steady["deltas_per_s"] = deltas / steady["seconds"]
+        steady["tokens_per_s"] = words / steady["seconds"]
+        result["steady"] = steady
+    return result
+
+
+def report(r: dict[str, Any]) -> str:
+    lines = [f"{r['n']} generations x {r['tokens_per_generation']} words at {r['rate']:g}/s "
+             f"(TTFT {r['ttft_ms']:g} ms, created over {r['spread_s']:g} s; "
+             f"load average {r['loadavg_1m']:.2f} at the end; env {r['env']})"]
+    for name in ("steady", "whole_run"):
+        if name not in r:
+            lines.append(f"{name}: no window (a generation ended before all had started)")
+            continue
+        s = r[name]
+        top = sorted(s["commands"].items(), key=lambda kv: -kv[1])[:6]
+        lines.append(
+            f"{name} ({s['seconds']:.1f} s): {s['deltas_per_s']:.0f} deltas/s"
+            + (f", {s['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in s else "")
+            + f"; worker {s['worker_cpu_us_per_token']:.1f} us CPU/token "
+            f"({s['worker_cpu_share'] * 100:.0f}% of a core); Redis "
+            f"{s['redis_cpu_us_per_token']:.1f} us CPU/token, "
+            f"{s['redis_commands_per_token']:.2f} commands/token "
+            f"(+{s['reader_commands_per_token']:.2f} reader XREAD); "
+            + ", ".join(f"{k} {v}" for k, v in top))
+    d = r["delivery_ms"]
+    lines.append(f"delivery (XREAD): p50 {d['p50']:.1f} ms  p90 {d['p90']:.1f} ms  "
+                 f"p99 {d['p99']:.1f} ms  max {d['max']:.1f} ms  (n={d['n']})")
+    lines.append("loss: " + ", ".join(f"{k} {v}" for k, v in r["loss"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1000, help="concurrent generations")
+    parser.add_argument("--rate", type=float, default=30.0, help="tokens/s per generation")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of a generation")
+    parser.add_argument("--ttft-ms", type=float, default=200.0)
+    parser.add_argument("--spread", type=float, default=2.0, help="creation spread (s)")
+    parser.add_argument("--env", action="append", default=[],
+                        help="NAME=VALUE for the worker (e.g. TOKENRELAY_COALESCE_MS=0)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    env = {
+        "TOKENRELAY_FAKE_TPS": str(args.rate),
+        "TOKENRELAY_FAKE_TTFT_MS": str(args.ttft_ms),
+        "TOKENRELAY_WORKER_CONCURRENCY": str(args.n + 10),
+        "TOKENRELAY_MAX_CONCURRENT_PER_TENANT": str(args.n + 10),
+        "TOKENRELAY_MAX_QUEUE_DEPTH": str(args.n + 10),
+        **dict(item.split("=", 1) for item in args.env),
+    }
+    install_uvloop()
+    stack = Stack(apis=1, workers=1, env=env)
+    try:
+        result = asyncio.run(_measure(stack, args))
+    finally:
+        stack.stop()
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
