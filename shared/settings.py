@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # turns that fit; how many were dropped goes into its metadata.
     thread_context_chars: int = Field(400_000, gt=0)
     thread_max_message_chars: int = Field(100_000, gt=0)  # a thread message's content (422)
+    # A worker appends each generation's deltas at most once per this window, consecutive
+    # text deltas within it as one event (0: every delta its own event, appended at once).
+    coalesce_ms: float = Field(0.0, ge=0, le=1000)
 
     @field_validator("api_keys")
     @classmethod
