@@ -33,7 +33,9 @@ import asyncio
 import itertools
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import install_uvloop, summary  # noqa: E402
-from tests.stack import Stack  # noqa: E402
+from tests.stack import Process, Stack  # noqa: E402
 from tokenrelay.worker.providers.fake import LOREM  # noqa: E402
 
 TERMINAL = {b"done", b"error", b"cancelled"}
@@ -135,6 +137,32 @@ class Reader:
         elif kind in TERMINAL:
             self.ended[key] = kind
             self.first_end.set()
+
+
+# cProfile on CPU time, not wall time: on a shared machine a function's wall time counts
+# whatever else ran while it was descheduled.
+PROFILED = """
+import cProfile, runpy, sys, time
+sys.argv = ["tokenrelay", "worker"]
+profile = cProfile.Profile(time.process_time)
+profile.enable()
+try:
+    runpy.run_module("tokenrelay", run_name="__main__")
+finally:
+    profile.disable()
+    profile.dump_stats({out!r})
+"""
+
+
+class ProfiledWorker(Process):
+    """The worker as ``Stack`` starts it, under cProfile (stats written when it exits)."""
+
+    def __init__(self, out: Path, env: dict[str, str]):
+        self.name = "worker0"
+        self.log = tempfile.NamedTemporaryFile(prefix="tr-worker-", suffix=".log", delete=False)
+        self.popen = subprocess.Popen([sys.executable, "-c", PROFILED.format(out=str(out))],
+                                      env=env, cwd=ROOT, stdout=self.log,
+                                      stderr=subprocess.STDOUT)
 
 
 def expected_text(tokens: int) -> str:
@@ -271,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[],
                         help="NAME=VALUE for the worker (e.g. TOKENRELAY_COALESCE_MS=0)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", type=Path,
+                        help="run the worker under cProfile and write its stats here")
     args = parser.parse_args(argv)
     env = {
         "TOKENRELAY_FAKE_TPS": str(args.rate),
@@ -281,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         **dict(item.split("=", 1) for item in args.env),
     }
     install_uvloop()
-    stack = Stack(apis=1, workers=1, env=env)
+    stack = Stack(apis=1, workers=0 if args.profile else 1, env=env)
+    if args.profile:
+        stack.workers.append(ProfiledWorker(args.profile, stack.env))
     try:
         result = asyncio.run(_measure(stack, args))
     finally:
