@@ -3,15 +3,17 @@
     python bench/writepath.py --n 1000 --rate 30 --seconds 10
     python bench/writepath.py --n 200 --rate 30 --coalesce-ms 0 --json out.json
 
-Starts its own redis-server, one API process (only to create the generations)
-and one worker (a real arq worker process, ``fake:lorem``), creates ``--n``
-generations spread evenly over ``--spread`` seconds (so their tokens are spread
+Starts its own redis-server and one worker (a real arq worker process,
+``fake:lorem``), creates ``--n`` generations as the API does (record, arq job and
+wake-up in one MULTI, written from here: one API process on a starved machine would
+pace the creation) spread evenly over ``--spread`` seconds (so their tokens are spread
 in phase; each starts ``FAKE_TTFT_MS`` after its worker picks it up), and reads
 every stream directly with XREAD in this process (no API in the delivery path:
 this measures the worker and Redis, not SSE).
 
-Reported, over the steady window (from the moment every generation has started to
-the first terminal event) and over the whole run:
+Reported, over the steady window (the half-second samples during which at least 90% of
+the most generations ever streaming at once were streaming: all N when the worker
+keeps up) and over the whole run:
 
 - deltas/s and tokens/s written (entries and words seen by the reader);
 - worker CPU µs per token (/proc/<pid>/stat utime+stime);
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -40,7 +43,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis as redis_sync
 from redis.asyncio import Redis
 
@@ -49,7 +51,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import install_uvloop, summary  # noqa: E402
-from tests.stack import Process, Stack  # noqa: E402
+from tests.fake_upstream import fake_upstream  # noqa: E402
+from tests.stack import Process, Stack, wait_for  # noqa: E402
+from tokenrelay.shared import keys, queue, streams  # noqa: E402
+from tokenrelay.shared.ids import new_generation_id  # noqa: E402
 from tokenrelay.worker.providers.fake import LOREM  # noqa: E402
 
 TERMINAL = {b"done", b"error", b"cancelled"}
@@ -94,8 +99,6 @@ class Reader:
         self.ended: dict[bytes, bytes] = {}
         self.latency_ms: list[float] = []
         self.arrivals: list[tuple[float, int]] = []  # (monotonic time, words) per delta
-        self.all_started = asyncio.Event()
-        self.first_end = asyncio.Event()
         self.expected = 0
 
     def follow(self, key: bytes) -> None:
@@ -132,11 +135,8 @@ class Reader:
                 self.latency_ms.append(now_ms - emitted)
         elif kind == b"status" and fields[b"d"] == b'{"status":"running"}':
             self.started_ms[key] = int(entry_id.split(b"-")[0])
-            if len(self.started_ms) == self.expected:
-                self.all_started.set()
         elif kind in TERMINAL:
             self.ended[key] = kind
-            self.first_end.set()
 
 
 # cProfile on CPU time, not wall time: on a shared machine a function's wall time counts
@@ -165,25 +165,42 @@ class ProfiledWorker(Process):
                                       stderr=subprocess.STDOUT)
 
 
+def worker_alive(url: str) -> bool:
+    client = redis_sync.Redis.from_url(url)
+    try:
+        return any(True for _ in client.scan_iter("tr:worker:*:alive"))
+    finally:
+        client.close()
+
+
 def expected_text(tokens: int) -> str:
     return " ".join(itertools.islice(itertools.cycle(LOREM), tokens))
 
 
-async def _create(url: str, n: int, tokens: int, spread_s: float, reader: Reader) -> list[str]:
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
-        t0 = time.monotonic()
-
-        async def one(i: int) -> str:
+async def _create(url: str, n: int, tokens: int, spread_s: float, reader: Reader,
+                  model: str) -> list[str]:
+    """Create the generations as the API does (record, job and wake-up in one MULTI), but
+    straight in Redis: on a starved machine one API process would pace the creation."""
+    redis = Redis.from_url(url)
+    jobs = await queue.open_queue(queue.redis_settings(url), "tr:queue")
+    # The fake: model emits lorem words; the paced upstream echoes the same words.
+    prompt = "x" if model == "fake:lorem" else expected_text(tokens)
+    request = {"model": model, "messages": [{"role": "user", "content": prompt}],
+               "max_tokens": tokens}
+    t0 = time.monotonic()
+    gen_ids = []
+    try:
+        for i in range(n):
             await asyncio.sleep(max(0.0, t0 + i * spread_s / n - time.monotonic()))
-            response = await client.post(f"{url}/v1/generations", json={
-                "model": "fake:lorem", "prompt": "x", "max_tokens": tokens})
-            response.raise_for_status()
-            gen_id: str = response.json()["id"]
-            reader.follow(f"tr:{{{gen_id}}}:events".encode())
-            return gen_id
-
-        return list(await asyncio.gather(*(one(i) for i in range(n))))
+            gen = streams.NewGeneration(new_generation_id(), "bench", model, request,
+                                        streams.now())
+            await streams.create(redis, gen, job=queue.first_job(jobs, gen.id))
+            reader.follow(keys.events(gen.id).encode())
+            gen_ids.append(gen.id)
+    finally:
+        await jobs.aclose()
+        await redis.aclose()
+    return gen_ids
 
 
 def _per_token(a: dict[str, Any], b: dict[str, Any], tokens: int) -> dict[str, Any]:
@@ -217,44 +234,49 @@ async def _measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     reader = Reader(redis, args.rate, args.ttft_ms)
     reader.expected = args.n
     begin = counters.sample()
-    window: dict[str, dict[str, Any]] = {}
+
+    samples: list[tuple[int, dict[str, Any]]] = []  # (generations streaming, counters)
 
     async def sample_window() -> None:
-        await reader.all_started.wait()
-        window["start"] = counters.sample()
-        await reader.first_end.wait()
-        window["end"] = counters.sample()
+        while True:
+            await asyncio.sleep(0.5)
+            samples.append((len(reader.started_ms) - len(reader.ended), counters.sample()))
 
     sampler = asyncio.create_task(sample_window())
     # Each stream is followed from the moment its POST answers, while the rest are created.
     read = asyncio.create_task(reader.run(time.monotonic() + args.seconds * 6 + args.spread + 120))
-    gen_ids = await _create(stack.url, args.n, tokens, args.spread, reader)
+    gen_ids = await _create(stack.redis_url, args.n, tokens, args.spread, reader, args.model)
     await read
     end = counters.sample()
     sampler.cancel()
     want = expected_text(tokens)
     lost = {"stream_mismatch": 0, "content_mismatch": 0, "not_done": 0}
     for gen_id in gen_ids:
-        key = f"tr:{{{gen_id}}}:events".encode()
+        key = keys.events(gen_id).encode()
         if reader.ended.get(key) != b"done":
             lost["not_done"] += 1
         if "".join(reader.text[key]) != want:
             lost["stream_mismatch"] += 1
-        stored = sync.get(f"tr:{{{gen_id}}}:content")
+        stored = sync.get(keys.content(gen_id))
         if (stored or b"").decode() != want:
             lost["content_mismatch"] += 1
     await redis.aclose()
     sync.close()
     result: dict[str, Any] = {
-        "n": args.n, "rate": args.rate, "tokens_per_generation": tokens,
+        "n": args.n, "rate": args.rate, "tokens_per_generation": tokens, "model": args.model,
         "ttft_ms": args.ttft_ms, "spread_s": args.spread, "env": args.env,
         "loss": lost, "loadavg_1m": os.getloadavg()[0],
         "delivery_ms": summary(reader.latency_ms),
         "whole_run": _per_token(begin, end, args.n * tokens),
     }
     result["whole_run"]["deltas_per_s"] = len(reader.arrivals) / result["whole_run"]["seconds"]
-    if "end" in window:
-        w0, w1 = window["start"], window["end"]
+    # Steady: the samples during which at least 90% of the most generations ever streaming
+    # at once were streaming (all N when the worker keeps up).
+    peak = max((active for active, _ in samples), default=0)
+    steady_samples = [(a, c) for a, c in samples if peak and a >= 0.9 * peak]
+    result["peak_streaming"] = peak
+    if len(steady_samples) >= 2:
+        w0, w1 = steady_samples[0][1], steady_samples[-1][1]
         deltas, words = _tokens_between(reader, w0["t"], w1["t"])
         steady = _per_token(w0, w1, words)
         steady["deltas_per_s"] = deltas / steady["seconds"]
@@ -264,17 +286,20 @@ async def _measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(r: dict[str, Any]) -> str:
-    lines = [f"{r['n']} generations x {r['tokens_per_generation']} words at {r['rate']:g}/s "
+    lines = [f"{r['n']} generations of {r['model']} x {r['tokens_per_generation']} words at "
+             f"{r['rate']:g}/s "
              f"(TTFT {r['ttft_ms']:g} ms, created over {r['spread_s']:g} s; "
              f"load average {r['loadavg_1m']:.2f} at the end; env {r['env']})"]
     for name in ("steady", "whole_run"):
         if name not in r:
-            lines.append(f"{name}: no window (a generation ended before all had started)")
+            lines.append(f"{name}: no window")
             continue
         s = r[name]
         top = sorted(s["commands"].items(), key=lambda kv: -kv[1])[:6]
         lines.append(
-            f"{name} ({s['seconds']:.1f} s): {s['deltas_per_s']:.0f} deltas/s"
+            f"{name} ({s['seconds']:.1f} s"
+            + (f", {r['peak_streaming']} streaming" if name == "steady" else "")
+            + f"): {s['deltas_per_s']:.0f} deltas/s"
             + (f", {s['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in s else "")
             + f"; worker {s['worker_cpu_us_per_token']:.1f} us CPU/token "
             f"({s['worker_cpu_share'] * 100:.0f}% of a core); Redis "
@@ -289,6 +314,28 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+async def _fake_alone(n: int, rate: float, seconds: float, ttft_ms: float) -> float:
+    """CPU µs per token of the fake provider alone (what a pump does minus the writer)."""
+    from tokenrelay.worker.providers import Delta, GenerationRequest
+    from tokenrelay.worker.providers.fake import FakeProvider
+
+    fake = FakeProvider(tps=rate, ttft_s=ttft_ms / 1000)
+    request = GenerationRequest("lorem", [{"role": "user", "content": "x"}],
+                                max_tokens=round(rate * seconds))
+
+    async def pump(delay: float) -> int:
+        await asyncio.sleep(delay)
+        tokens = 0
+        async for chunk in fake.stream(request):
+            if isinstance(chunk, Delta) and chunk.as_event():
+                tokens += 1
+        return tokens
+
+    cpu0 = time.process_time()
+    counts = await asyncio.gather(*(pump(i / n / rate) for i in range(n)))
+    return 1e6 * (time.process_time() - cpu0) / sum(counts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1000, help="concurrent generations")
@@ -299,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[],
                         help="NAME=VALUE for the worker (e.g. TOKENRELAY_COALESCE_MS=0)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--provider", choices=("fake", "openai"), default="fake",
+                        help="openai: the openai: provider against a local OpenAI-compatible "
+                        "server (tests/fake_upstream.py, in this process) streaming at --rate")
+    parser.add_argument("--fake-alone", action="store_true",
+                        help="only the fake provider's own CPU per token, in this process")
     parser.add_argument("--profile", type=Path,
                         help="run the worker under cProfile and write its stats here")
     args = parser.parse_args(argv)
@@ -311,13 +363,24 @@ def main(argv: list[str] | None = None) -> int:
         **dict(item.split("=", 1) for item in args.env),
     }
     install_uvloop()
-    stack = Stack(apis=1, workers=0 if args.profile else 1, env=env)
-    if args.profile:
-        stack.workers.append(ProfiledWorker(args.profile, stack.env))
-    try:
+    if args.fake_alone:
+        cost = asyncio.run(_fake_alone(args.n, args.rate, args.seconds, args.ttft_ms))
+        print(f"fake provider alone, {args.n} streams at {args.rate:g}/s: {cost:.1f} us CPU "
+              f"per token (load average {os.getloadavg()[0]:.2f})")
+        return 0
+    with contextlib.ExitStack() as cleanup:
+        args.model = "fake:lorem"
+        if args.provider == "openai":
+            base_url, _ = cleanup.enter_context(fake_upstream())
+            env.update(TOKENRELAY_OPENAI_BASE_URL=base_url, TOKENRELAY_OPENAI_API_KEY="test")
+            args.model = f"openai:paced-{args.rate:g}"
+            args.ttft_ms = 0.0
+        stack = Stack(apis=0, workers=0 if args.profile else 1, env=env)
+        cleanup.callback(stack.stop)
+        if args.profile:
+            stack.workers.append(ProfiledWorker(args.profile, stack.env))
+        wait_for(lambda: worker_alive(stack.redis_url), 60, what="the worker's lease")
         result = asyncio.run(_measure(stack, args))
-    finally:
-        stack.stop()
     print(report(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
