@@ -80,63 +80,77 @@ class Counters:
         return {
             "t": time.monotonic(),
             "worker_cpu_s": proc_cpu_s(self.worker_pid),
+            "reader_cpu_s": time.process_time(),
             "redis_cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
             "calls": {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()},
         }
 
 
 class Reader:
-    """Follows every generation's stream with one blocking XREAD; records each delta."""
+    """Follows every generation's stream with one blocking XREAD.
+
+    While reading it only keeps each reply with its arrival time (a reader that parses
+    as it goes falls behind at thousands of entries per second and measures itself);
+    ``analyse`` goes through them afterwards.
+    """
 
     def __init__(self, redis: Redis, rate: float, ttft_ms: float):
         self.redis = redis
         self.rate = rate
         self.ttft_ms = ttft_ms
         self.cursors: dict[bytes, bytes] = {}
+        self.replies: list[tuple[float, float, bytes, list[Any]]] = []
+        self.streaming: set[bytes] = set()  # past their first two entries (queued, running)
+        self.ended: set[bytes] = set()
+        self.expected = 0
+        # Filled by analyse():
         self.text: dict[bytes, list[str]] = {}
-        self.words: dict[bytes, int] = {}
-        self.started_ms: dict[bytes, int] = {}
-        self.ended: dict[bytes, bytes] = {}
+        self.outcome: dict[bytes, bytes] = {}
         self.latency_ms: list[float] = []
         self.arrivals: list[tuple[float, int]] = []  # (monotonic time, words) per delta
-        self.expected = 0
 
     def follow(self, key: bytes) -> None:
         self.cursors[key] = b"0-0"
-        self.text[key] = []
-        self.words[key] = 0
 
     async def run(self, deadline: float) -> None:
+        cursors = self.cursors
         while len(self.ended) < self.expected and time.monotonic() < deadline:
-            streams = {k: c for k, c in self.cursors.items() if k not in self.ended}
-            if not streams:
+            if not cursors:
                 await asyncio.sleep(0.01)
                 continue
-            reply = await self.redis.xread(streams, block=1000)  # type: ignore[arg-type]
+            reply = await self.redis.xread(cursors, block=1000)  # type: ignore[arg-type]
             now_ms = time.time() * 1000
             mono = time.monotonic()
             for key, entries in reply or []:
-                for entry_id, fields in entries:
-                    self.cursors[key] = entry_id
-                    self._entry(key, entry_id, fields, now_ms, mono)
+                self.replies.append((mono, now_ms, key, entries))
+                last_id, last = entries[-1]
+                if last[b"t"] in TERMINAL:
+                    self.ended.add(key)
+                    del cursors[key]
+                else:
+                    cursors[key] = last_id
+                    self.streaming.add(key)
 
-    def _entry(self, key: bytes, entry_id: bytes, fields: dict[bytes, bytes], now_ms: float,
-               mono: float) -> None:
-        kind = fields[b"t"]
-        if kind == b"delta":
-            content = json.loads(fields[b"d"]).get("content", "")
-            first_word = self.words[key]
-            words = len(content.split())
-            self.words[key] += words
-            self.text[key].append(content)
-            self.arrivals.append((mono, words))
-            if key in self.started_ms:
-                emitted = self.started_ms[key] + self.ttft_ms + first_word * 1000 / self.rate
-                self.latency_ms.append(now_ms - emitted)
-        elif kind == b"status" and fields[b"d"] == b'{"status":"running"}':
-            self.started_ms[key] = int(entry_id.split(b"-")[0])
-        elif kind in TERMINAL:
-            self.ended[key] = kind
+    def analyse(self) -> None:
+        words: dict[bytes, int] = {}
+        started_ms: dict[bytes, int] = {}
+        for mono, now_ms, key, entries in self.replies:
+            for entry_id, fields in entries:
+                kind = fields[b"t"]
+                if kind == b"delta":
+                    content = json.loads(fields[b"d"]).get("content", "")
+                    first_word = words.get(key, 0)
+                    count = len(content.split())
+                    words[key] = first_word + count
+                    self.text.setdefault(key, []).append(content)
+                    self.arrivals.append((mono, count))
+                    if key in started_ms:
+                        emitted = started_ms[key] + self.ttft_ms + first_word * 1000 / self.rate
+                        self.latency_ms.append(now_ms - emitted)
+                elif kind == b"status" and fields[b"d"] == b'{"status":"running"}':
+                    started_ms[key] = int(entry_id.split(b"-")[0])
+                elif kind in TERMINAL:
+                    self.outcome[key] = kind
 
 
 # cProfile on CPU time, not wall time: on a shared machine a function's wall time counts
@@ -214,6 +228,7 @@ def _per_token(a: dict[str, Any], b: dict[str, Any], tokens: int) -> dict[str, A
         "tokens": tokens,
         "worker_cpu_us_per_token": 1e6 * (b["worker_cpu_s"] - a["worker_cpu_s"]) / tokens,
         "worker_cpu_share": (b["worker_cpu_s"] - a["worker_cpu_s"]) / (b["t"] - a["t"]),
+        "reader_cpu_share": (b["reader_cpu_s"] - a["reader_cpu_s"]) / (b["t"] - a["t"]),
         "redis_cpu_us_per_token": 1e6 * (b["redis_cpu_s"] - a["redis_cpu_s"]) / tokens,
         "redis_commands_per_token": written / tokens,
         "reader_commands_per_token": sum(reads.values()) / tokens,
@@ -240,7 +255,7 @@ async def _measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     async def sample_window() -> None:
         while True:
             await asyncio.sleep(0.5)
-            samples.append((len(reader.started_ms) - len(reader.ended), counters.sample()))
+            samples.append((len(reader.streaming - reader.ended), counters.sample()))
 
     sampler = asyncio.create_task(sample_window())
     # Each stream is followed from the moment its POST answers, while the rest are created.
@@ -249,13 +264,14 @@ async def _measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     await read
     end = counters.sample()
     sampler.cancel()
+    reader.analyse()
     want = expected_text(tokens)
     lost = {"stream_mismatch": 0, "content_mismatch": 0, "not_done": 0}
     for gen_id in gen_ids:
         key = keys.events(gen_id).encode()
-        if reader.ended.get(key) != b"done":
+        if reader.outcome.get(key) != b"done":
             lost["not_done"] += 1
-        if "".join(reader.text[key]) != want:
+        if "".join(reader.text.get(key, [])) != want:
             lost["stream_mismatch"] += 1
         stored = sync.get(keys.content(gen_id))
         if (stored or b"").decode() != want:
@@ -302,7 +318,8 @@ def report(r: dict[str, Any]) -> str:
             + f"): {s['deltas_per_s']:.0f} deltas/s"
             + (f", {s['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in s else "")
             + f"; worker {s['worker_cpu_us_per_token']:.1f} us CPU/token "
-            f"({s['worker_cpu_share'] * 100:.0f}% of a core); Redis "
+            f"({s['worker_cpu_share'] * 100:.0f}% of a core; reader "
+            f"{s['reader_cpu_share'] * 100:.0f}%); Redis "
             f"{s['redis_cpu_us_per_token']:.1f} us CPU/token, "
             f"{s['redis_commands_per_token']:.2f} commands/token "
             f"(+{s['reader_commands_per_token']:.2f} reader XREAD); "
