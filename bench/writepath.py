@@ -107,6 +107,7 @@ class Reader:
         self.text: dict[bytes, list[str]] = {}
         self.outcome: dict[bytes, bytes] = {}
         self.latency_ms: list[float] = []
+        self.latency_at: list[float] = []  # arrival (monotonic) of each latency_ms figure
         self.arrivals: list[tuple[float, int]] = []  # (monotonic time, words) per delta
 
     def follow(self, key: bytes) -> None:
@@ -147,6 +148,7 @@ class Reader:
                     if key in started_ms:
                         emitted = started_ms[key] + self.ttft_ms + first_word * 1000 / self.rate
                         self.latency_ms.append(now_ms - emitted)
+                        self.latency_at.append(mono)
                 elif kind == b"status" and fields[b"d"] == b'{"status":"running"}':
                     started_ms[key] = int(entry_id.split(b"-")[0])
                 elif kind in TERMINAL:
@@ -298,6 +300,9 @@ async def _measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         steady["deltas_per_s"] = deltas / steady["seconds"]
         steady["tokens_per_s"] = words / steady["seconds"]
         result["steady"] = steady
+        result["delivery_steady_ms"] = summary(
+            lat for lat, at in zip(reader.latency_ms, reader.latency_at, strict=True)
+            if w0["t"] <= at <= w1["t"])
     return result
 
 
@@ -325,8 +330,12 @@ def report(r: dict[str, Any]) -> str:
             f"(+{s['reader_commands_per_token']:.2f} reader XREAD); "
             + ", ".join(f"{k} {v}" for k, v in top))
     d = r["delivery_ms"]
-    lines.append(f"delivery (XREAD): p50 {d['p50']:.1f} ms  p90 {d['p90']:.1f} ms  "
+    lines.append(f"delivery (XREAD), whole run: p50 {d['p50']:.1f} ms  p90 {d['p90']:.1f} ms  "
                  f"p99 {d['p99']:.1f} ms  max {d['max']:.1f} ms  (n={d['n']})")
+    if "delivery_steady_ms" in r:
+        d = r["delivery_steady_ms"]
+        lines.append(f"delivery (XREAD), steady: p50 {d['p50']:.1f} ms  p90 {d['p90']:.1f} ms  "
+                     f"p99 {d['p99']:.1f} ms  max {d['max']:.1f} ms  (n={d['n']})")
     lines.append("loss: " + ", ".join(f"{k} {v}" for k, v in r["loss"].items()))
     return "\n".join(lines)
 

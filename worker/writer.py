@@ -38,6 +38,13 @@ logger = logging.getLogger(__name__)
 
 # Generations per script call: one call holds Redis for the time of its writes.
 BATCH_GENERATIONS = 256
+# Without a coalescing window, after a batch of fewer than SMALL_BATCH generations the
+# writer waits MIN_GAP_S before the next, so a lightly loaded worker makes fewer, fuller
+# calls (measured: 200 generations at 30 tokens/s, 40 -> 28 us of worker CPU per token).
+# A busy worker's batches are large and go back to back (a pause there was measured to
+# let batches, and latency, grow).
+MIN_GAP_S = 0.002
+SMALL_BATCH = 100
 # Deltas a slot may hold unwritten before its pump waits (a Redis outage).
 MAX_BACKLOG = 1024
 # Single-key deltas of these fields merge by concatenation when coalescing.
@@ -135,10 +142,12 @@ class Writer:
             self._wake.clear()
             if self.coalesce_s:
                 await asyncio.sleep(self.coalesce_s)
-            await self.flush()
+            if await self.flush() < SMALL_BATCH and not self.coalesce_s:
+                await asyncio.sleep(MIN_GAP_S)
 
-    async def flush(self) -> None:
-        """Write every slot's pending deltas now (one batch per group of slots)."""
+    async def flush(self) -> int:
+        """Write every slot's pending deltas now (one batch per group of slots); how many
+        slots it wrote."""
         slots = list(self._dirty)
         self._dirty.clear()
         batch = []
@@ -151,13 +160,14 @@ class Writer:
                 slot.inflight = _take(slot)
             batch.append(slot)
         if not batch:
-            return
+            return 0
         await asyncio.gather(*(self._write(group) for group in self._groups(batch)))
         for slot in batch:
             if slot.pending and not slot.fenced:
                 self._dirty[slot] = None
                 self._wake.set()
             slot._settle()
+        return len(batch)
 
     def _groups(self, slots: list[Slot]) -> Iterable[list[Slot]]:
         """Batches of slots one script call may carry: any on one Redis; one hash slot's
