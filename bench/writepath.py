@@ -36,9 +36,7 @@ import contextlib
 import itertools
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,8 +49,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import install_uvloop, summary  # noqa: E402
+from bench.profiling import ProfiledWorker  # noqa: E402
 from tests.fake_upstream import fake_upstream  # noqa: E402
-from tests.stack import Process, Stack, wait_for  # noqa: E402
+from tests.stack import Stack, wait_for  # noqa: E402
 from tokenrelay.shared import keys, queue, streams  # noqa: E402
 from tokenrelay.shared.ids import new_generation_id  # noqa: E402
 from tokenrelay.worker.providers.fake import LOREM  # noqa: E402
@@ -153,32 +152,6 @@ class Reader:
                     started_ms[key] = int(entry_id.split(b"-")[0])
                 elif kind in TERMINAL:
                     self.outcome[key] = kind
-
-
-# cProfile on CPU time, not wall time: on a shared machine a function's wall time counts
-# whatever else ran while it was descheduled.
-PROFILED = """
-import cProfile, runpy, sys, time
-sys.argv = ["tokenrelay", "worker"]
-profile = cProfile.Profile(time.process_time)
-profile.enable()
-try:
-    runpy.run_module("tokenrelay", run_name="__main__")
-finally:
-    profile.disable()
-    profile.dump_stats({out!r})
-"""
-
-
-class ProfiledWorker(Process):
-    """The worker as ``Stack`` starts it, under cProfile (stats written when it exits)."""
-
-    def __init__(self, out: Path, env: dict[str, str]):
-        self.name = "worker0"
-        self.log = tempfile.NamedTemporaryFile(prefix="tr-worker-", suffix=".log", delete=False)
-        self.popen = subprocess.Popen([sys.executable, "-c", PROFILED.format(out=str(out))],
-                                      env=env, cwd=ROOT, stdout=self.log,
-                                      stderr=subprocess.STDOUT)
 
 
 def worker_alive(url: str) -> bool:
