@@ -45,7 +45,7 @@ def test_a_fast_upstream_gets_one_event_per_window_and_the_same_text(fast: Stack
     assert len(times) >= 20, "coalesced, not written all at the end"
 
 
-def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(fast: Stack) -> None:
+def test_a_worker_killed_while_its_batches_stream_loses_and_duplicates_nothing(fast: Stack) -> None:
     """kill -9 of a worker while eight generations stream through its writer: every one
     ends once, its viewers' text and its stored content equal to the model's words."""
     words = 3000
