@@ -61,9 +61,13 @@ def format_id(sid: StreamId) -> str:
     return f"{sid[0]}-{sid[1]}"
 
 
+# One encoder for every event: ``json.dumps`` with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(data: dict[str, Any]) -> str:
     """Compact JSON, as stored in the stream and written on the wire."""
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(data)
 
 
 class Event:

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     openai_on_disconnect: Literal["cancel", "continue"] = "cancel"
     # Model -> [USD per million input tokens, per million output tokens] (JSON).
     prices: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    # A worker appends each generation's deltas at most once per this window, consecutive
+    # text deltas within it as one event (0: every delta its own event, appended at once).
+    coalesce_ms: float = Field(0.0, ge=0, le=1000)
 
     @field_validator("api_keys")
     @classmethod

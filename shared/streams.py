@@ -52,17 +52,41 @@ end
 return {{1, redis.call('XADD', KEYS[2], '*', 't', 'status', 'd', '{{"status":"running"}}')}}
 """)
 
-# KEYS: meta events content ; ARGV: attempt data_json text seq
-# ``seq`` makes a retried append idempotent: a delta whose reply was lost (Redis
-# went away after running the script) is not appended twice.
-_DELTA = Script("""
-local m = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'seq')
-if m[1] ~= 'running' or m[2] ~= ARGV[1] then return false end
-if tonumber(m[3] or '0') >= tonumber(ARGV[4]) then return 'dup' end
-local id = redis.call('XADD', KEYS[2], '*', 't', 'delta', 'd', ARGV[2])
-if ARGV[3] ~= '' then redis.call('APPEND', KEYS[3], ARGV[3]) end
-redis.call('HSET', KEYS[1], 'seq', ARGV[4])
-return id
+# The deltas of one or more generations in one call (a worker's writer batches what all
+# its generations produced since its last call).
+# KEYS: per generation: meta events content ;
+# ARGV: per generation: attempt first_seq n, then n times: data_json text
+# Entry i of a generation has sequence number first_seq + i (1, 2, ... per attempt); an
+# entry at or below the stored ``seq`` was applied already (a retry whose first reply was
+# lost) and is skipped, so a retried batch never appends twice. A generation that is not
+# running under this attempt (fenced, or ended) writes nothing and answers 0, else 1.
+_DELTAS = Script("""
+local out = {}
+local a = 1
+for g = 1, #KEYS, 3 do
+  local first, n = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local m = redis.call('HMGET', KEYS[g], 'status', 'attempt', 'seq')
+  local ok = 0
+  if m[1] == 'running' and m[2] == ARGV[a] then
+    ok = 1
+    local done = tonumber(m[3] or '0')
+    local texts = {}
+    for i = 0, n - 1 do
+      if first + i > done then
+        redis.call('XADD', KEYS[g + 1], '*', 't', 'delta', 'd', ARGV[a + 3 + 2 * i])
+        texts[#texts + 1] = ARGV[a + 4 + 2 * i]
+      end
+    end
+    if first + n - 1 > done then
+      local joined = table.concat(texts)
+      if joined ~= '' then redis.call('APPEND', KEYS[g + 2], joined) end
+      redis.call('HSET', KEYS[g], 'seq', first + n - 1)
+    end
+  end
+  out[#out + 1] = ok
+  a = a + 3 + 2 * n
+end
+return out
 """)
 
 # KEYS: meta events content cancel ; ARGV: attempt('' = any) type data_json status now
@@ -176,16 +200,40 @@ async def start(
     return bool(ok), text(detail)
 
 
+@dataclass(frozen=True, slots=True)
+class Appends:
+    """Entries for one generation's stream: ``entries`` (data JSON, its text) numbered
+    ``first_seq``, ``first_seq`` + 1, … within ``attempt``."""
+
+    gen_id: str
+    attempt: int
+    first_seq: int
+    entries: list[tuple[str, str]]
+
+
+async def append_batch(redis: Redis, batch: list[Appends]) -> list[bool]:
+    """Append several generations' deltas in one script (their keys must share a slot on a
+    Cluster); per generation, False if this attempt may no longer write (fenced or ended).
+    Retrying the same batch never appends an entry twice."""
+    names: list[str] = []
+    args: list[Any] = []
+    for item in batch:
+        names += _gen_keys(item.gen_id)[:3]
+        args += [item.attempt, item.first_seq, len(item.entries)]
+        for data, content in item.entries:
+            args += [data, content]
+    result = await _DELTAS(redis, names, *args)
+    return [bool(ok) for ok in result]
+
+
 async def append_delta(
     redis: Redis, gen_id: str, attempt: int, data: dict[str, Any], seq: int
 ) -> bool:
     """Append delta number ``seq`` (1, 2, … per attempt); False if this attempt may no
     longer write (fenced or ended). Retrying the same ``seq`` never appends twice."""
-    text = data.get("content") or ""
-    result = await _DELTA(
-        redis, _gen_keys(gen_id)[:3], attempt, ev.dumps(data), text, seq
-    )
-    return result is not None
+    entry = (ev.dumps(data), data.get("content") or "")
+    (ok,) = await append_batch(redis, [Appends(gen_id, attempt, seq, [entry])])
+    return ok
 
 
 async def finish(

@@ -12,6 +12,7 @@ Behaviour is chosen by the model name:
 - ``status-NNN``: HTTP NNN with an OpenAI error body over two lines (``retry-after-ms: 10``)
 - ``surrogate``: "bad", then a lone surrogate (JSON ``\\ud800``), then "text"
 - ``cutoff``: a few words, then ``[DONE]`` with no finish reason; ``empty``: no word either
+- ``paced-N``: the words of the last user message, N per second (benchmarks)
 - anything else: the words of the last user message, quickly
 
 ``GET /v1/models`` lists ``model-a`` and ``model-b``, and counts the calls.
@@ -153,7 +154,11 @@ def build_app(record: Record) -> Starlette:
                     finish = "tool_calls"
                 else:
                     users = [m for m in body["messages"] if m.get("role") == "user"]
+                    tps = float(model.removeprefix("paced-")) if model.startswith("paced-") else 0
+                    start = time.monotonic()
                     for i, word in enumerate(str(users[-1]["content"]).split()):
+                        if tps and (delay := start + i / tps - time.monotonic()) > 0:
+                            await asyncio.sleep(delay)
                         piece = word if i == 0 else " " + word
                         words.append(piece)
                         yield _chunk(model, {"content": piece})

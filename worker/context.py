@@ -22,6 +22,7 @@ from tokenrelay.worker.providers import Provider, Providers
 from tokenrelay.worker.providers.anthropic import AnthropicProvider
 from tokenrelay.worker.providers.fake import FakeProvider
 from tokenrelay.worker.providers.openai_compat import OpenAICompatProvider
+from tokenrelay.worker.writer import Writer
 
 _CTX_KEY = "tokenrelay"
 
@@ -35,6 +36,7 @@ class WorkerContext:
     control: Control
     lease: Lease
     lifecycle: Lifecycle
+    writer: Writer  # every generation's deltas, appended in batches
 
     @classmethod
     def open(cls, settings: Settings, redis_url: str, queue: Queue) -> WorkerContext:
@@ -54,7 +56,10 @@ class WorkerContext:
                             presence_ttl_s=settings.presence_ttl_s),
             lease=Lease(redis, queue, lifecycle, settings.max_attempts),
             lifecycle=lifecycle,
+            writer=Writer(redis, cluster=settings.redis_cluster,
+                          coalesce_s=settings.coalesce_ms / 1000),
         )
+        context.writer.start()
         context.control.start()
         context.lease.start()
         return context
@@ -62,6 +67,7 @@ class WorkerContext:
     async def close(self) -> None:
         await self.lease.stop()
         await self.control.stop()
+        await self.writer.stop()
         await self.providers.aclose()
         await self.redis.aclose()
 

@@ -26,12 +26,9 @@ from tokenrelay.shared.redis import awaited, retrying
 from tokenrelay.worker.context import WorkerContext
 from tokenrelay.worker.providers import Delta, Finish, GenerationRequest, Provider, Providers
 from tokenrelay.worker.tasks import stop_task
+from tokenrelay.worker.writer import MAX_BACKLOG, Fenced, Slot
 
 logger = logging.getLogger(__name__)
-
-
-class Fenced(Exception):
-    """A newer attempt owns the stream, or it has ended: this attempt must stop writing."""
 
 
 async def generate(ctx: dict[str, Any], gen_id: str, attempt: int = 1) -> str:
@@ -101,26 +98,45 @@ async def _run(wc: WorkerContext, gen_id: str, attempt: int, cancel: asyncio.Eve
     decoded = _decode(wc.providers, meta)
     if decoded is None:
         return "missing"
-    if isinstance(decoded, Ending):
-        ending: Ending | None = decoded
-        timing = None
-    else:
-        timing = decoded.timing
-        ending = await _stream(wc, gen_id, attempt, decoded, cancel)
-    if ending is None:
-        return "fenced"
-    await wc.lifecycle.end(gen_id, attempt, ending, timing)
-    return ending.event_type
+    slot = Slot(gen_id, attempt)
+    try:
+        if isinstance(decoded, Ending):
+            ending: Ending | None = decoded
+            timing = None
+        else:
+            timing = decoded.timing
+            ending = await _stream(wc, slot, decoded, cancel)
+            if ending is not None and not await _written(wc, slot):
+                ending = None
+        if ending is None:
+            return "fenced"
+        await wc.lifecycle.end(gen_id, attempt, ending, timing)
+        return ending.event_type
+    finally:
+        wc.writer.discard(slot)
 
 
-async def _stream(wc: WorkerContext, gen_id: str, attempt: int, decoded: _Decoded,
+async def _written(wc: WorkerContext, slot: Slot) -> bool:
+    """Wait for the deltas a stopped pump left with the writer (they go before the
+    terminal event); False if the attempt was fenced meanwhile."""
+    try:
+        await wc.writer.drain(slot)
+    except Fenced:
+        return False
+    except Exception:  # noqa: BLE001 - Redis stayed away: the terminal write retries too
+        logger.warning("deltas not written generation_id=%s", slot.gen_id, exc_info=True)
+    return True
+
+
+async def _stream(wc: WorkerContext, slot: Slot, decoded: _Decoded,
                   cancel: asyncio.Event) -> Ending | None:
     """Pump the provider under the cancel, the time limit and, with ``on_disconnect:
     cancel``, the watch for a generation nobody watches any more."""
+    gen_id = slot.gen_id
     if decoded.abandon:
         wc.control.watch_presence(gen_id)
     try:
-        ending = await _race(_pump(wc, gen_id, attempt, decoded), cancel,
+        ending = await _race(_pump(wc, slot, decoded), cancel,
                              wc.settings.max_generation_s, gen_id)
         if (ending is not None and ending.event_type == ev.CANCELLED
                 and gen_id in wc.control.abandoned):
@@ -155,7 +171,7 @@ def _decode(providers: Providers, meta: list[Any]) -> _Decoded | Ending | None:
                     abandon=body.get("on_disconnect") == "cancel")
 
 
-async def _pump(wc: WorkerContext, gen_id: str, attempt: int, decoded: _Decoded) -> Finish:
+async def _pump(wc: WorkerContext, slot: Slot, decoded: _Decoded) -> Finish:
     """Append the deltas of the first candidate that answers, in order; its ``Finish``,
     its usage priced (PRICES) for the model that answered.
 
@@ -166,38 +182,39 @@ async def _pump(wc: WorkerContext, gen_id: str, attempt: int, decoded: _Decoded)
     for index, (provider, name) in enumerate(decoded.candidates):
         request = replace(decoded.request, model=name)
         try:
-            finish = await _pump_one(wc, gen_id, attempt, provider, request, decoded.timing)
+            finish = await _pump_one(wc, slot, provider, request, decoded.timing)
         except ProviderError as exc:
             if index == last or not exc.retryable or decoded.timing.first_delta:
                 raise
             logger.warning("model %s failed before its first token (%s); falling back to %s "
                            "generation_id=%s", json.dumps(name), exc.code,
-                           json.dumps(decoded.candidates[index + 1][1]), gen_id)
+                           json.dumps(decoded.candidates[index + 1][1]), slot.gen_id)
         else:
             return replace(finish, usage=costs.priced(wc.settings.prices, decoded.models[index],
                                                       finish.usage))
     raise AssertionError("unreachable: the last candidate returns or raises")
 
 
-async def _pump_one(wc: WorkerContext, gen_id: str, attempt: int, provider: Provider,
+async def _pump_one(wc: WorkerContext, slot: Slot, provider: Provider,
                     request: GenerationRequest, timing: Timing) -> Finish:
-    """Append one provider's deltas in order; its ``Finish``. Raises ``Fenced`` as soon as
-    this attempt may no longer write."""
+    """Hand one provider's deltas to the writer in order; its ``Finish`` once they are all
+    written. Raises ``Fenced`` as soon as this attempt may no longer write."""
+    writer = wc.writer
     finish: Finish | None = None
-    seq = 0
     async for chunk in provider.stream(request):
         if isinstance(chunk, Delta):
             data = chunk.as_event()
             if data:
-                seq += 1
-                if not await append_with_retry(wc, gen_id, attempt, data, seq):
-                    raise Fenced()
-                if seq == 1:
+                writer.append(slot, data)
+                if timing.first_delta is None:
                     timing.first_delta = time.time()
+                if len(slot.pending) >= MAX_BACKLOG:  # Redis is slow or away: wait for it
+                    await writer.drain(slot)
         else:
             finish = chunk
     if finish is None:
         raise ProviderError("provider ended without a finish")
+    await writer.drain(slot)
     return finish
 
 
@@ -242,17 +259,3 @@ def _provider_failure(exc: ProviderError) -> Ending:
     data = exc.as_event()
     return lifecycle.failed(data.pop("code"), data.pop("message"),
                             retryable=data.pop("retryable"), **data)
-
-
-async def append_with_retry(
-    wc: WorkerContext, gen_id: str, attempt: int, data: dict[str, Any], seq: int
-) -> bool:
-    """Append one delta, riding out a Redis outage.
-
-    Deltas are appended one at a time, in order, and a retried append with the
-    same ``seq`` is applied once, so an outage neither loses nor reorders nor
-    duplicates what this worker holds.
-    """
-    return await retrying(
-        lambda: streams.append_delta(wc.redis, gen_id, attempt, data, seq), gen_id
-    )

@@ -105,12 +105,13 @@ class Lease:
         if not running:
             return 0
         entries = [(text(g), *text(v).split()) for g, v in running.items()]
+        workers = sorted({worker_id for _, worker_id, _ in entries})  # one check per worker
         async with self._redis.pipeline(transaction=False) as pipe:
-            for _, worker_id, _ in entries:
+            for worker_id in workers:
                 pipe.exists(keys.worker_alive(worker_id))
             alive = await pipe.execute()
         lost_workers = self._confirmed({
-            worker_id for (_, worker_id, _), is_alive in zip(entries, alive, strict=True)
+            worker_id for worker_id, is_alive in zip(workers, alive, strict=True)
             if not is_alive})
         lost = 0
         for gen_id, worker_id, attempt_s in entries:

@@ -21,6 +21,7 @@ from tokenrelay.worker.control import Control
 from tokenrelay.worker.jobs import run_attempt
 from tokenrelay.worker.lease import Lease
 from tokenrelay.worker.providers import Chunk, Delta, Finish, GenerationRequest, Providers
+from tokenrelay.worker.writer import Writer
 
 TENANT = "t1"
 
@@ -67,8 +68,11 @@ async def job(redis_server: RedisServer) -> AsyncIterator[Job]:
     control = Control(redis, channels=pool)
     wc = WorkerContext(settings=settings, redis=redis, queue=pool,
                        providers=Providers({"test": provider}), control=control,
-                       lease=Lease(redis, pool, ends, settings.max_attempts), lifecycle=ends)
+                       lease=Lease(redis, pool, ends, settings.max_attempts), lifecycle=ends,
+                       writer=Writer(redis))
+    wc.writer.start()
     yield Job(wc, provider)
+    await wc.writer.stop()
     await control.stop()
     await pool.aclose()
     await redis.aclose()
