@@ -388,10 +388,14 @@ class ManyResult:
     errors: list[str]
     cpu: dict[str, float]
     events_per_s: float
+    events: int = 0  # live events delivered to the viewers while measured
+    # The API process's CPU (utime + stime, /proc/<pid>/stat via psutil) per event delivered.
+    api_us_per_event: float = 0.0
 
     def line(self) -> str:
         lat, dur = self.latency, self.duration
         return (
+            f"{self.events} events delivered, API {self.api_us_per_event:.1f} us CPU per event; "
             f"{self.streams} streams: p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms "
             f"max {lat['max']:.1f} ms; {self.events_per_s:.0f} events/s; generation length "
             f"p50 {dur['p50']:.1f} s p99 {dur['p99']:.1f} s (ideal {self.ideal_s:.1f} s); "
@@ -452,4 +456,6 @@ async def many_streams(stack: Stack, server: Server, streams: int, tokens: int,
         streams=streams, latency=summary(latencies), duration=summary(durations),
         ideal_s=(tokens - 1) / tps, lost=lost, duplicates=duplicates, incomplete=incomplete,
         errors=errors[:5], cpu=cpu_result, events_per_s=len(latencies) / cpu_result["wall_s"],
+        events=len(latencies),
+        api_us_per_event=1e6 * cpu_result["server"] * cpu_result["wall_s"] / max(1, len(latencies)),
     )
