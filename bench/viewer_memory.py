@@ -41,7 +41,7 @@ from tokenrelay.cli.redis_server import free_port  # noqa: E402
 
 TRACED = """
 import collections, gc, pickle, runpy, signal, sys, tracemalloc
-tracemalloc.start(1)
+tracemalloc.start({frames})
 taken = 0
 def dump(signum, frame):
     global taken
@@ -62,10 +62,10 @@ runpy.run_module("tokenrelay", run_name="__main__")
 class TracedApi(Process):
     """The API process as ``Stack`` starts it, under tracemalloc, snapshots on SIGUSR1."""
 
-    def __init__(self, out: str, port: int, env: dict[str, str]):
+    def __init__(self, out: str, port: int, env: dict[str, str], frames: int = 1):
         self.name = "api0"
         self.log = tempfile.NamedTemporaryFile(prefix="tr-api-", suffix=".log", delete=False)
-        code = TRACED.format(out=out, port=str(port))
+        code = TRACED.format(out=out, port=str(port), frames=frames)
         self.popen = subprocess.Popen([sys.executable, "-c", code], env=env,
                                       cwd=Path(__file__).resolve().parent.parent,
                                       stdout=self.log, stderr=subprocess.STDOUT)
@@ -85,13 +85,13 @@ def _load(path: Path) -> tuple[Any, dict[str, int]]:
     return loaded
 
 
-async def run(n: int, ws: bool, top: int) -> dict[str, Any]:
+async def run(n: int, ws: bool, top: int, frames: int = 1) -> dict[str, Any]:
     protocol = "websocket" if ws else "sse"
     print(f"memory per idle {protocol} viewer by allocation site, N = {n} ({machine_note()})")
     out = tempfile.mktemp(prefix="tr-snap-")
     stack = Stack(apis=0, workers=0, env=FANOUT_ENV)
     port = free_port()
-    api = TracedApi(out, port, stack.env)
+    api = TracedApi(out, port, stack.env, frames)
     stack.apis.append(api)
     stack.ports.append(port)
     try:
@@ -143,6 +143,11 @@ async def run(n: int, ws: bool, top: int) -> dict[str, Any]:
             print(f"  {key:8s} {stat.size_diff / n:8.0f} B {stat.count_diff / n:6.2f} objects  "
                   f"{where}")
         result[f"by_{key}"] = rows
+    if frames > 1:  # where the largest sites were called from
+        for stat in snap1.compare_to(snap0, "traceback")[:5]:
+            print(f"  {stat.size_diff / n:8.0f} B per viewer allocated at:")
+            for frame in stat.traceback:
+                print(f"      {_short(frame.filename)}:{frame.lineno}")
     growth = sorted(((t, types1.get(t, 0) - types0.get(t, 0)) for t in types1),
                     key=lambda kv: -kv[1])[:top]
     result["objects_by_type"] = [{"type": t, "per_viewer": d / n} for t, d in growth]
@@ -165,10 +170,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--ws", action="store_true", help="WebSocket viewers instead of SSE")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--frames", type=int, default=1,
+                        help="frames kept per allocation (> 1: also print the top call paths)")
     args = parser.parse_args()
     install_uvloop()
     started = time.monotonic()
-    result = asyncio.run(run(args.n, args.ws, args.top))
+    result = asyncio.run(run(args.n, args.ws, args.top, args.frames))
     name = "viewer_memory_ws" if args.ws else "viewer_memory"
     save(name, {"args": vars(args), "wall_s": time.monotonic() - started, **result})
 
