@@ -376,6 +376,15 @@ async def open_viewer_pair(host: str, port: int, request: bytes,
     return viewer
 
 
+def write_calls(pid: int) -> int:
+    """Write system calls a process made so far (``syscw`` of /proc/<pid>/io, Linux)."""
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("syscw:"):
+                return int(line.split()[1])
+    return 0
+
+
 @dataclass
 class ManyResult:
     streams: int
@@ -388,10 +397,18 @@ class ManyResult:
     errors: list[str]
     cpu: dict[str, float]
     events_per_s: float
+    events: int = 0  # live events delivered to the viewers while measured
+    # The API process's CPU (utime + stime, /proc/<pid>/stat via psutil) per event delivered.
+    api_us_per_event: float = 0.0
+    api_writes: int = 0  # write system calls of the API process (/proc/<pid>/io syscw)
+    hub_xreads: int = 0  # XREAD calls (the hub's) while measured
 
     def line(self) -> str:
         lat, dur = self.latency, self.duration
         return (
+            f"{self.events} events delivered, API {self.api_us_per_event:.1f} us CPU per event, "
+            f"{self.events / max(1, self.api_writes):.2f} events per write, "
+            f"{self.events / max(1, self.hub_xreads):.0f} per XREAD; "
             f"{self.streams} streams: p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms "
             f"max {lat['max']:.1f} ms; {self.events_per_s:.0f} events/s; generation length "
             f"p50 {dur['p50']:.1f} s p99 {dur['p99']:.1f} s (ideal {self.ideal_s:.1f} s); "
@@ -433,9 +450,13 @@ async def many_streams(stack: Stack, server: Server, streams: int, tokens: int,
         cpu = CpuMeter({"server": server.pid, "worker": worker.pid,
                         **({"redis": stack.redis.process.pid}
                            if stack.redis and stack.redis.process else {})}).start()
+        writes0 = write_calls(server.pid)
+        xreads0 = redis_commandstats(stack.redis_url).get("xread", 0)
         closed = [v.closed for v in viewers if v.closed is not None]
         await asyncio.wait(closed, timeout=tokens / tps * 4 + 60)
         cpu_result = cpu.stop()
+        writes = write_calls(server.pid) - writes0
+        xreads = redis_commandstats(stack.redis_url).get("xread", 0) - xreads0
     finally:
         worker.stop()
         stack.workers.remove(worker)
@@ -452,4 +473,6 @@ async def many_streams(stack: Stack, server: Server, streams: int, tokens: int,
         streams=streams, latency=summary(latencies), duration=summary(durations),
         ideal_s=(tokens - 1) / tps, lost=lost, duplicates=duplicates, incomplete=incomplete,
         errors=errors[:5], cpu=cpu_result, events_per_s=len(latencies) / cpu_result["wall_s"],
+        events=len(latencies), api_writes=writes, hub_xreads=xreads,
+        api_us_per_event=1e6 * cpu_result["server"] * cpu_result["wall_s"] / max(1, len(latencies)),
     )

@@ -42,15 +42,21 @@ def noise(run: dict[str, Any]) -> float:
     return max(found)
 
 
-def load(name: str) -> dict[str, Any] | None:
-    """The quietest recorded run of a scenario (bench/results/history.jsonl), else its latest."""
-    history = RESULTS / "history.jsonl"
-    runs = []
-    if history.exists():
-        for line in history.read_text().splitlines():
-            run = json.loads(line)
-            if run.get("scenario") == name:
-                runs.append(run)
+def history(name: str) -> list[dict[str, Any]]:
+    """Every recorded run of a scenario (bench/results/history.jsonl), oldest first."""
+    path = RESULTS / "history.jsonl"
+    if not path.exists():
+        return []
+    runs = (json.loads(line) for line in path.read_text().splitlines())
+    return [run for run in runs if run.get("scenario") == name]
+
+
+def load(name: str, full: int = 0) -> dict[str, Any] | None:
+    """The quietest recorded run of a scenario (bench/results/history.jsonl), else its latest.
+    ``full``: only runs with at least that many viewer counts (a run of one N is a probe)."""
+    runs = history(name)
+    if full:
+        runs = [r for r in runs if len({x.get("n") for x in r.get("runs", [])}) >= full]
     if runs:
         best = min(reversed(runs), key=noise)  # the latest of equally quiet runs
         print(f"{name}: run of {best['recorded_at']} (others up to {noise(best) * 100:.0f}% "
@@ -95,6 +101,8 @@ def queue_hop_panel(ax: Axes, hop: dict[str, Any]) -> None:
     ax.plot(samples, ys, color=COLORS["tokenrelay"])
     ax.axvline(5, color="k", ls="--", lw=0.8, label="target p50 5 ms")
     ax.axvline(20, color="k", ls=":", lw=0.8, label="target p99 20 ms")
+    ax.axvline(3, color="g", ls="--", lw=0.8, label="issue 15: p50 3 ms")
+    ax.axvline(10, color="g", ls=":", lw=0.8, label="issue 15: p99 10 ms")
     ax.set_xlabel("POST sent -> first delta, ms")
     ax.set_ylabel("fraction of generations")
     ax.set_title(f"queue hop ({hop['count']} generations)")
@@ -129,6 +137,7 @@ def memory_panel(ax: Axes, d: dict[str, Any]) -> None:
     for i, value in enumerate(values):
         ax.text(i, value, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
     ax.axhline(16, color="k", ls="--", lw=0.8, label="target 16 KiB")
+    ax.axhline(12, color="g", ls="--", lw=0.8, label="issue 15: 12 KiB")
     ax.set_ylabel("KiB of RSS per idle viewer")
     ax.set_title(f"d. memory per idle viewer (N = {runs[0]['n']})")
     ax.legend(fontsize=7)
@@ -156,8 +165,42 @@ def latency_bars_panel(ax: Axes, c: dict[str, Any] | None, e: dict[str, Any] | N
     ax.legend(fontsize=7)
 
 
+def chat_api_panel(ax: Axes, runs: list[dict[str, Any]]) -> None:
+    """Issue 15: the API's CPU per delivered event in the chat case, run by run."""
+    xs = [r["events"] / r["api_writes"] for r in runs if r.get("api_writes")]
+    ys = [r["api_us_per_event"] for r in runs if r.get("api_writes")]
+    ax.plot(xs, ys, "o", color=COLORS["tokenrelay"], label="runs (write calls counted)")
+    ax.axhline(15, color="g", ls="--", lw=0.8, label="issue 15: 15 us")
+    ax.set_xlabel("events per write call of the API")
+    ax.set_ylabel("API CPU per delivered event, us")
+    ax.set_title(f"chat case: 1,000 x 30 tokens/s ({len(ys)} runs)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+
+
+def nchan_panel(ax: Axes, runs: list[dict[str, Any]]) -> None:
+    """Issue 15: tokenrelay / nchan per round (p99 and server CPU), every recorded run."""
+    rounds = [r for run in runs for r in run.get("rounds", [])]
+    xs = range(1, len(rounds) + 1)
+    ax.plot(xs, [r["p99_ratio"] for r in rounds], "o", color=COLORS["tokenrelay"],
+            label="p99 ratio")
+    ax.plot(xs, [r["cpu_ratio"] for r in rounds], "s", color="#ff7f0e", label="server CPU ratio")
+    ax.axhline(1.0, color=COLORS["tokenrelay"], ls="--", lw=0.8, label="target p99 1 x")
+    ax.axhline(1.5, color="#ff7f0e", ls="--", lw=0.8, label="target CPU 1.5 x")
+    ax.set_xlabel("round (alternating, N = 1,000, 50 events/s)")
+    ax.set_ylabel("tokenrelay / nginx+nchan")
+    ax.set_title("fan-out beside nchan")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+
+
 def main() -> int:
-    hop, a, b, c, d, e, f = (load(n) for n in ("queue_hop", "a", "b", "c", "d", "e", "f"))
+    hop, b, c, d, e, f = (load(n) for n in ("queue_hop", "b", "c", "d", "e", "f"))
+    a = load("a", full=3)
+    chat = [r for r in history("c") if r.get("api_us_per_event")]
+    nchan = history("nchan")
     panels = []
     if a or f:
         panels.append(lambda ax: fanout_panel(ax, a, f))
@@ -171,6 +214,10 @@ def main() -> int:
         panels.append(lambda ax: memory_panel(ax, d_source))
     if c or e:
         panels.append(lambda ax: latency_bars_panel(ax, c, e))
+    if chat:
+        panels.append(lambda ax: chat_api_panel(ax, chat))
+    if nchan:
+        panels.append(lambda ax: nchan_panel(ax, nchan))
     if not panels:
         print("no results in bench/results/: run the benchmarks first", file=sys.stderr)
         return 1

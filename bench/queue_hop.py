@@ -8,7 +8,8 @@ FAKE_TTFT_MS=0), then creates ``count`` generations one after another with
 the first ``delta`` frame. The event ids (Redis append times, ms) split each hop:
 API create (POST → ``queued`` appended), queue (``queued`` → ``running``: enqueue,
 wake-up, arq job start), provider (``running`` → first delta) and delivery
-(delta appended → received). Target on the 2-core machine: p50 ≤ 5 ms, p99 ≤ 20 ms.
+(delta appended → received). Targets on the 2-core machine: p50 ≤ 5 ms, p99 ≤ 20 ms
+(issue 2); p50 ≤ 3 ms, p99 ≤ 10 ms (issue 15).
 """
 
 from __future__ import annotations
@@ -95,8 +96,11 @@ async def run(count: int, warmup: int) -> dict[str, object]:
               "(id resolution 1 ms)")
     print("  " + cpu.describe())
     ok = parts["total"]["p50"] <= 5 and parts["total"]["p99"] <= 20
-    print(f"  target p50 <= 5 ms, p99 <= 20 ms: {'met' if ok else 'MISSED'}")
+    print(f"  target p50 <= 5 ms, p99 <= 20 ms (issue 2): {'met' if ok else 'MISSED'}")
+    ok15 = parts["total"]["p50"] <= 3 and parts["total"]["p99"] <= 10
+    print(f"  target p50 <= 3 ms, p99 <= 10 ms (issue 15): {'met' if ok15 else 'MISSED'}")
     result = {"count": count, "parts": parts, "cpu": cpu.result, "target_met": ok,
+              "target15_met": ok15,
               "samples_ms": [r["total"] for r in rows]}
     save("queue_hop", result)
     return result
