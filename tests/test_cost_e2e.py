@@ -69,10 +69,14 @@ def test_totals_per_thread_and_tenant_are_the_sums_of_fifty_generations(stack: S
     for found in priced:
         assert found["usage"]["cost"] == pytest.approx(
             expected_cost(found["model"], found["usage"]), rel=1e-12)
+    # fake:error fails after streaming some text: what it produced is estimated and counted
+    # (it has no price, so no cost).
+    cut = [s for s in final.values() if s["status"] == "failed"]
+    assert all(s["usage"]["estimated"] and "cost" not in s["usage"] for s in cut)
 
     usage = httpx.get(f"{stack.url}/v1/usage", headers=ACME, timeout=10).json()
     for name in TOKEN_FIELDS:
-        assert usage[name] == sum(s["usage"][name] for s in priced)
+        assert usage[name] == sum(s["usage"][name] for s in priced + cut)
     assert usage["cost"] == pytest.approx(sum(s["usage"]["cost"] for s in priced), abs=1e-12)
     assert usage["generations"]["completed"] == 40 and usage["generations"]["failed"] == 10
 
@@ -112,3 +116,36 @@ def test_done_event_and_status_carry_the_cost(stack: Stack) -> None:
     assert done.data["usage"]["cost"] == pytest.approx(
         expected_cost("fake:lorem", done.data["usage"]), rel=1e-12)
     assert status(stack.url, gen_id, GLOBEX)["usage"] == done.data["usage"]
+
+
+def test_an_answer_cancelled_mid_stream_still_counts_what_it_produced(stack: Stack) -> None:
+    """The upstream bills the tokens it streamed before a cancel: the cancelled generation's
+    status carries an estimated usage (characters / 4, marked so) priced by PRICES, and the
+    tenant's totals grow by exactly that. A cancel before any output counts nothing."""
+    before = httpx.get(f"{stack.url}/v1/usage", headers=GLOBEX, timeout=10).json()
+    body = {"model": "fake:lorem", "prompt": "abcdefgh", "max_tokens": 5000}
+    gen_id = httpx.post(f"{stack.url}/v1/generations", json=body, headers=GLOBEX,
+                        timeout=10).json()["id"]
+    seen = collect(stack.url, gen_id, headers=GLOBEX, limit=8)  # queued, running, 6 deltas
+    assert seen[-1].type == "delta"
+    cancel = httpx.post(f"{stack.urls[1]}/v1/generations/{gen_id}/cancel", headers=GLOBEX,
+                        timeout=10)
+    assert cancel.status_code == 202, cancel.text
+    events = collect(stack.url, gen_id, headers=GLOBEX)
+    assert events[-1].type == "cancelled"
+    final = status(stack.url, gen_id, GLOBEX)
+    usage = final["usage"]
+    assert final["status"] == "cancelled" and final["content"]
+    assert usage["estimated"] is True
+    assert usage["completion_tokens"] == -(-len(final["content"]) // 4)
+    assert usage["prompt_tokens"] == 2  # "abcdefgh": 8 characters
+    assert usage["cost"] == pytest.approx(expected_cost("fake:lorem", usage), rel=1e-12)
+
+    def counted() -> bool:
+        now = httpx.get(f"{stack.url}/v1/usage", headers=GLOBEX, timeout=10).json()
+        return now["generations"]["cancelled"] == before["generations"]["cancelled"] + 1
+    wait_for(counted, 10, what="the cancelled generation in the tenant's totals")
+    after = httpx.get(f"{stack.url}/v1/usage", headers=GLOBEX, timeout=10).json()
+    for name in TOKEN_FIELDS:
+        assert after[name] == before[name] + usage[name], name
+    assert after["cost"] == pytest.approx((before["cost"] or 0) + usage["cost"], rel=1e-9)

@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tokenrelay.shared import costs, keys, lifecycle, models, queue, streams
@@ -25,6 +25,7 @@ from tokenrelay.shared.lifecycle import Ending, Timing
 from tokenrelay.shared.redis import awaited, retrying
 from tokenrelay.worker.context import WorkerContext
 from tokenrelay.worker.providers import Delta, Finish, GenerationRequest, Provider, Providers
+from tokenrelay.worker.providers.base import estimate_usage
 from tokenrelay.worker.tasks import stop_task
 from tokenrelay.worker.writer import MAX_BACKLOG, Fenced, Slot
 
@@ -90,6 +91,16 @@ class _Decoded:
     request: GenerationRequest
     timing: Timing
     abandon: bool  # on_disconnect: cancel once no viewer has been connected for the grace
+    produced: _Produced = field(default_factory=lambda: _Produced())
+
+
+@dataclass(slots=True)
+class _Produced:
+    """What the attempt has streamed so far, and from which model: the usage of an answer
+    cut short (cancelled, timed out, failed after its first token)."""
+
+    model: str = ""
+    chars: int = 0
 
 
 async def _run(wc: WorkerContext, gen_id: str, attempt: int, cancel: asyncio.Event,
@@ -141,10 +152,22 @@ async def _stream(wc: WorkerContext, slot: Slot, decoded: _Decoded,
         if (ending is not None and ending.event_type == ev.CANCELLED
                 and gen_id in wc.control.abandoned):
             ending = lifecycle.cancelled(reason="abandoned")
-        return ending
+        return None if ending is None else _cut_short_usage(wc, decoded, ending)
     finally:
         if decoded.abandon:
             wc.control.unwatch_presence(gen_id)
+
+
+def _cut_short_usage(wc: WorkerContext, decoded: _Decoded, ending: Ending) -> Ending:
+    """An answer cut short after its first token was still billed by the upstream for what
+    it produced: its usage is estimated (characters / 4, marked ``estimated``) and priced,
+    into the status and the tenant's and thread's totals. The terminal event is unchanged."""
+    produced = decoded.produced
+    if ending.event_type == ev.DONE or not produced.chars:
+        return ending
+    usage_ = costs.priced(wc.settings.prices, produced.model,
+                          estimate_usage(decoded.request.messages, produced.chars))
+    return replace(ending, fields={**ending.fields, "usage": json.dumps(usage_)})
 
 
 def _decode(providers: Providers, meta: list[Any]) -> _Decoded | Ending | None:
@@ -182,7 +205,9 @@ async def _pump(wc: WorkerContext, slot: Slot, decoded: _Decoded) -> Finish:
     for index, (provider, name) in enumerate(decoded.candidates):
         request = replace(decoded.request, model=name)
         try:
-            finish = await _pump_one(wc, slot, provider, request, decoded.timing)
+            decoded.produced.model = decoded.models[index]
+            finish = await _pump_one(wc, slot, provider, request, decoded.timing,
+                                     decoded.produced)
         except ProviderError as exc:
             if index == last or not exc.retryable or decoded.timing.first_delta:
                 raise
@@ -196,7 +221,7 @@ async def _pump(wc: WorkerContext, slot: Slot, decoded: _Decoded) -> Finish:
 
 
 async def _pump_one(wc: WorkerContext, slot: Slot, provider: Provider,
-                    request: GenerationRequest, timing: Timing) -> Finish:
+                    request: GenerationRequest, timing: Timing, produced: _Produced) -> Finish:
     """Hand one provider's deltas to the writer in order; its ``Finish`` once they are all
     written. Raises ``Fenced`` as soon as this attempt may no longer write."""
     writer = wc.writer
@@ -206,6 +231,7 @@ async def _pump_one(wc: WorkerContext, slot: Slot, provider: Provider,
             data = chunk.as_event()
             if data:
                 writer.append(slot, data)
+                produced.chars += chunk.size()
                 if timing.first_delta is None:
                     timing.first_delta = time.time()
                 if len(slot.pending) >= MAX_BACKLOG:  # Redis is slow or away: wait for it
