@@ -9,7 +9,7 @@ ignored, as is any parameter sent as ``null``.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,6 +23,8 @@ from tokenrelay.api.schemas import (
 )
 from tokenrelay.shared.models import check_model
 from tokenrelay.shared.settings import Settings
+
+M = TypeVar("M", bound=BaseModel)
 
 # Accepted, no effect on the answer.
 IGNORED = frozenset(
@@ -74,9 +76,15 @@ class ChatCompletionRequest(Sampling):
 
 def parse(raw: bytes) -> ChatCompletionRequest:
     """The request in ``raw``, or an OpenAIError (400) that names the offending parameter."""
-    data = body_object(raw, IGNORED, NO_OP_VALUES)
+    return read_body(ChatCompletionRequest, raw, IGNORED, NO_OP_VALUES)
+
+
+def read_body(model: type[M], raw: bytes, ignored: frozenset[str],
+              no_op: dict[str, tuple[Any, str]]) -> M:
+    """The JSON object in ``raw`` (see :func:`body_object`) as a ``model``, or an OpenAIError
+    (400) that names the offending parameter: how both OpenAI doors read a request."""
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return model.model_validate(body_object(raw, ignored, no_op))
     except ValidationError as exc:
         raise invalid(exc) from None
 

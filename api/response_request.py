@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenrelay.api.openai_errors import OpenAIError
-from tokenrelay.api.openai_request import IGNORED, body_object, invalid
+from tokenrelay.api.openai_request import IGNORED, invalid, read_body
 from tokenrelay.api.response_events import CALL, MESSAGE, ResponseState
 from tokenrelay.api.schemas import GenerationCreate
 from tokenrelay.shared.models import check_model
@@ -71,11 +71,7 @@ class ResponsesRequest(BaseModel):
 
 def parse(raw: bytes) -> ResponsesRequest:
     """The request in ``raw``, or an OpenAIError (400) that names the offending parameter."""
-    data = body_object(raw, RESPONSES_IGNORED, NO_OP_VALUES)
-    try:
-        return ResponsesRequest.model_validate(data)
-    except ValidationError as exc:
-        raise invalid(exc) from None
+    return read_body(ResponsesRequest, raw, RESPONSES_IGNORED, NO_OP_VALUES)
 
 
 def _bad(param: str, message: str, code: str = "invalid_value") -> OpenAIError:

@@ -81,6 +81,15 @@ async def run_attempt(wc: WorkerContext, gen_id: str, attempt: int) -> str:
         wc.control.unwatch(gen_id, cancel_event)
 
 
+@dataclass(slots=True)
+class _Produced:
+    """What the attempt has streamed so far, and from which model: the usage of an answer
+    cut short (cancelled, timed out, failed after its first token)."""
+
+    model: str = ""
+    chars: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class _Decoded:
     """A stored request, ready to stream: the provider and model name of each candidate
@@ -91,16 +100,7 @@ class _Decoded:
     request: GenerationRequest
     timing: Timing
     abandon: bool  # on_disconnect: cancel once no viewer has been connected for the grace
-    produced: _Produced = field(default_factory=lambda: _Produced())
-
-
-@dataclass(slots=True)
-class _Produced:
-    """What the attempt has streamed so far, and from which model: the usage of an answer
-    cut short (cancelled, timed out, failed after its first token)."""
-
-    model: str = ""
-    chars: int = 0
+    produced: _Produced = field(default_factory=_Produced)
 
 
 async def _run(wc: WorkerContext, gen_id: str, attempt: int, cancel: asyncio.Event,
