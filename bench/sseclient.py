@@ -65,33 +65,17 @@ class Viewer:
     keep_types: bool = False
 
 
-class SSEProtocol(asyncio.Protocol):
-    """One HTTP request and its SSE response; feeds ``Viewer`` and the shared latency array."""
+class RequestProtocol(asyncio.Protocol):
+    """A load client's connection: writes its request on connect, reads the response's head,
+    then hands the body to :meth:`body` (SSE here, WebSocket frames in bench/wsclient.py)."""
 
-    def __init__(
-        self,
-        viewer: Viewer,
-        request: bytes,
-        latencies: array,  # type: ignore[type-arg]
-        stop_after: int | None = None,
-        on_event: Callable[[Viewer, bytes, bytes, float], None] | None = None,
-    ):
+    def __init__(self, viewer: Viewer, request: bytes):
         self.viewer = viewer
         self.request = request
-        self.latencies = latencies
-        self.stop_after = stop_after
-        self.on_event = on_event
         self.transport: asyncio.Transport | None = None
         self._head = bytearray()
         self._in_body = False
-        self._raw = bytearray()
-        self._chunked = True  # tokenrelay answers chunked; nchan writes the body as is
-        self._sse_rest = b""
-        self._count = 0
-        loop = asyncio.get_running_loop()
-        viewer.closed = loop.create_future()
-
-    # asyncio.Protocol
+        viewer.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -110,15 +94,55 @@ class SSEProtocol(asyncio.Protocol):
             end = self._head.find(b"\r\n\r\n")
             if end < 0:
                 return
-            self._parse_head(bytes(self._head[:end]))
-            data = bytes(self._head[end + 4 :])
+            head, data = bytes(self._head[:end]), bytes(self._head[end + 4 :])
             self._head = bytearray()
             self._in_body = True
-            if self.viewer.status != 200:
-                self.viewer.error = f"HTTP {self.viewer.status}: {data[:200]!r}"
-                self.close()
+            if not self.opened(head, data):
                 return
-            self._chunked = self.viewer.headers.get(b"transfer-encoding") == b"chunked"
+        self.body(data, now_ms)
+
+    def opened(self, head: bytes, data: bytes) -> bool:
+        """The response's head arrived (``data``: the first body bytes); False to stop."""
+        raise NotImplementedError
+
+    def body(self, data: bytes, now_ms: float) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class SSEProtocol(RequestProtocol):
+    """One HTTP request and its SSE response; feeds ``Viewer`` and the shared latency array."""
+
+    def __init__(
+        self,
+        viewer: Viewer,
+        request: bytes,
+        latencies: array,  # type: ignore[type-arg]
+        stop_after: int | None = None,
+        on_event: Callable[[Viewer, bytes, bytes, float], None] | None = None,
+    ):
+        super().__init__(viewer, request)
+        self.latencies = latencies
+        self.stop_after = stop_after
+        self.on_event = on_event
+        self._raw = bytearray()
+        self._chunked = True  # tokenrelay answers chunked; nchan writes the body as is
+        self._sse_rest = b""
+        self._count = 0
+
+    def opened(self, head: bytes, data: bytes) -> bool:
+        self._parse_head(head)
+        if self.viewer.status != 200:
+            self.viewer.error = f"HTTP {self.viewer.status}: {data[:200]!r}"
+            self.close()
+            return False
+        self._chunked = self.viewer.headers.get(b"transfer-encoding") == b"chunked"
+        return True
+
+    def body(self, data: bytes, now_ms: float) -> None:
         if self._chunked:
             self._dechunk(data, now_ms)
         else:
@@ -212,11 +236,6 @@ class SSEProtocol(asyncio.Protocol):
             self.close()
             return True
         return False
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
 
 async def open_viewer(
     host: str,

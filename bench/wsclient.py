@@ -17,10 +17,9 @@ import base64
 import json
 import os
 import struct
-import time
 from array import array
 
-from bench.sseclient import SEQ_BITS, TERMINAL, Viewer
+from bench.sseclient import SEQ_BITS, TERMINAL, RequestProtocol, Viewer
 
 _EVENT = b'{"type":"event",'
 _ID = b'"id":"'
@@ -47,50 +46,29 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
     return head + b"\x00\x00\x00\x00" + payload
 
 
-class WSProtocol(asyncio.Protocol):
+class WSProtocol(RequestProtocol):
     """One socket subscribed to one generation."""
 
     def __init__(self, viewer: Viewer, host: str, gen_id: str,
                  latencies: array):  # type: ignore[type-arg]
-        self.viewer = viewer
-        self.request = upgrade_request(host)
+        super().__init__(viewer, upgrade_request(host))
         self.subscribe = client_frame(0x1, json.dumps(
             {"type": "subscribe", "generation_id": gen_id}).encode())
         self.latencies = latencies
-        self.transport: asyncio.Transport | None = None
-        self._head = bytearray()
-        self._open = False
         self._rest = b""
-        viewer.closed = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.viewer.sent_at = time.time()
-        transport.write(self.request)  # type: ignore[attr-defined]
+    def opened(self, head: bytes, data: bytes) -> bool:
+        status = int(head.split(b" ", 2)[1])
+        self.viewer.status = status
+        if status != 101:
+            self.viewer.error = f"HTTP {status}: {data[:200]!r}"
+            self.close()
+            return False
+        assert self.transport is not None
+        self.transport.write(self.subscribe)
+        return True
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        closed = self.viewer.closed
-        if closed is not None and not closed.done():
-            closed.set_result(None)
-
-    def data_received(self, data: bytes) -> None:
-        now_ms = time.time() * 1000.0
-        if not self._open:
-            self._head += data
-            end = self._head.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            status = int(bytes(self._head[:end]).split(b" ", 2)[1])
-            data = bytes(self._head[end + 4 :])
-            self._head = bytearray()
-            self.viewer.status = status
-            if status != 101:
-                self.viewer.error = f"HTTP {status}: {data[:200]!r}"
-                self.close()
-                return
-            self._open = True
-            assert self.transport is not None
-            self.transport.write(self.subscribe)
+    def body(self, data: bytes, now_ms: float) -> None:
         self._frames(self._rest + data if self._rest else data, now_ms)
 
     def _frames(self, data: bytes, now_ms: float) -> None:
@@ -148,11 +126,6 @@ class WSProtocol(asyncio.Protocol):
             self.close()
             return True
         return False
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
 
 async def open_many(n: int, host: str, port: int, gen_id: str,
                     latencies: array,  # type: ignore[type-arg]
