@@ -61,6 +61,8 @@ class Delta:
 
     def size(self) -> int:
         """Characters of output in this delta (text, reasoning, tool-call arguments)."""
+        if not self.tool_calls:  # the common case, once per token: no generator
+            return len(self.content or "") + len(self.reasoning or "")
         arguments = sum(len((call.get("function") or {}).get("arguments") or "")
                         for call in self.tool_calls or [])
         return len(self.content or "") + len(self.reasoning or "") + arguments
