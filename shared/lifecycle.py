@@ -83,20 +83,21 @@ class Lifecycle:
         self._jobs = jobs  # where a thread's next enqueued generation is started
 
     async def end(self, gen_id: str, attempt: int | None, ending: Ending,
-                  timing: Timing | None = None) -> bool:
+                  timing: Timing | None = None, content: str | None = None) -> bool:
         """Write the terminal event and do the bookkeeping; False (and nothing done) if the
         generation had ended already or a newer attempt owns it. ``attempt`` None: any.
+        ``content``: the answer's text as streamed, if the caller has it.
 
         Shielded from cancellation: a job cancelled mid-write still leaves exactly one
         terminal event, counted once.
         """
-        return await asyncio.shield(self._end(gen_id, attempt, ending, timing))
+        return await asyncio.shield(self._end(gen_id, attempt, ending, timing, content))
 
     async def _end(self, gen_id: str, attempt: int | None, ending: Ending,
-                   timing: Timing | None) -> bool:
+                   timing: Timing | None, content: str | None) -> bool:
         written = await retrying(lambda: streams.finish(
             self._redis, gen_id, attempt, ending.event_type, ending.data, self._retention_s,
-            ending.fields,
+            ending.fields, content,
         ), gen_id, self._retry_s)
         if written:
             await self.settle(gen_id)

@@ -45,6 +45,7 @@ class WorkerContext:
         # Everything before the first token and the terminal write ride out a Redis
         # outage: a job that gave up would leave its generation running with no worker.
         lifecycle = Lifecycle(redis, settings.retention_s, retry_s=OUTAGE_RETRY_S, jobs=queue)
+        lease = Lease(redis, queue, lifecycle, settings.max_attempts)
         context = cls(
             settings=settings,
             redis=redis,
@@ -54,9 +55,9 @@ class WorkerContext:
             # with the streams.
             control=Control(redis, channels=queue, abandon_grace_s=settings.abandon_grace_s,
                             presence_ttl_s=settings.presence_ttl_s),
-            lease=Lease(redis, queue, lifecycle, settings.max_attempts),
+            lease=lease,
             lifecycle=lifecycle,
-            writer=Writer(redis, cluster=settings.redis_cluster,
+            writer=Writer(redis, lease.clock, cluster=settings.redis_cluster,
                           coalesce_s=settings.coalesce_ms / 1000),
         )
         context.writer.start()

@@ -49,8 +49,9 @@ async def run_attempt(wc: WorkerContext, gen_id: str, attempt: int) -> str:
     try:
         # Everything before the first token is retried through a short Redis outage:
         # a job that failed here would leave its generation running with no worker.
-        started, why = await retrying(lambda: streams.start(redis, gen_id, attempt, run), gen_id)
+        started, base = await retrying(lambda: streams.start(redis, gen_id, attempt, run), gen_id)
         if not started:
+            why = base  # not started: why not
             logger.info("not started (%s) generation_id=%s attempt=%d", why, gen_id, attempt)
             if why in ev.TERMINAL_STATUSES:
                 # Ended without us (cancelled while queued), or settled by nobody yet
@@ -67,7 +68,7 @@ async def run_attempt(wc: WorkerContext, gen_id: str, attempt: int) -> str:
         if cancel_requested:
             cancel_event.set()
         try:
-            outcome = await _run(wc, gen_id, attempt, cancel_event, meta)
+            outcome = await _run(wc, gen_id, attempt, base, cancel_event, meta)
         except asyncio.CancelledError:
             # The worker is shutting down (not a user's cancel, which is an event):
             # hand the generation over to another worker at once.
@@ -103,13 +104,14 @@ class _Decoded:
     produced: _Produced = field(default_factory=_Produced)
 
 
-async def _run(wc: WorkerContext, gen_id: str, attempt: int, cancel: asyncio.Event,
-               meta: list[Any]) -> str:
-    """``meta``: the generation's request, created_at and started_at (read with the start)."""
+async def _run(wc: WorkerContext, gen_id: str, attempt: int, base: str,
+               cancel: asyncio.Event, meta: list[Any]) -> str:
+    """``meta``: the generation's request, created_at and started_at (read with the start);
+    ``base``: the attempt's ``running`` entry id."""
     decoded = _decode(wc.providers, meta)
     if decoded is None:
         return "missing"
-    slot = Slot(gen_id, attempt)
+    slot = Slot(gen_id, base)
     try:
         if isinstance(decoded, Ending):
             ending: Ending | None = decoded
@@ -121,7 +123,7 @@ async def _run(wc: WorkerContext, gen_id: str, attempt: int, cancel: asyncio.Eve
                 ending = None
         if ending is None:
             return "fenced"
-        await wc.lifecycle.end(gen_id, attempt, ending, timing)
+        await wc.lifecycle.end(gen_id, attempt, ending, timing, slot.content)
         return ending.event_type
     finally:
         wc.writer.discard(slot)

@@ -6,7 +6,9 @@ liveness key every second (TTL ``ALIVE_TTL_S``) and records the generations it
 runs in ``keys.RUNNING``. A reaper in every worker process (one pass at a time,
 under a short lock) finds entries whose worker key has expired and enqueues the
 next attempt, or ends the generation with ``worker_lost`` after the last one.
-Fencing in ``shared.streams`` makes a late write by the lost attempt a no-op.
+Fencing in ``shared.streams`` makes a late write by the lost attempt a no-op: its
+deltas' ids stay below the expiry of the key (``RedisClock``), and the next attempt's
+entries go above it.
 
 Losing Redis must never look like losing a worker: while Redis is down (or paused)
 every liveness key can expire, and the first reaper pass after it returns would
@@ -32,7 +34,7 @@ from redis.exceptions import RedisError
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys, lifecycle, queue
 from tokenrelay.shared.lifecycle import Lifecycle
-from tokenrelay.shared.redis import awaited, text
+from tokenrelay.shared.redis import Script, awaited, text
 from tokenrelay.worker.tasks import stop_tasks
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,49 @@ REAP_EVERY_S = 1.0
 # Longer than two renewals (a live owner reconnects and renews within this), short
 # beside the TTL so a real loss is still noticed in seconds.
 SUSPECT_GRACE_S = 2 * RENEW_EVERY_S + 0.5
+# What a worker keeps back from its liveness key's TTL in the ids of its deltas: covers
+# the clocks of a Cluster's nodes disagreeing (the key and a stream on different nodes).
+LIMIT_MARGIN_S = 1.0
+
+# KEYS: the liveness key ; ARGV: ttl. Redis's time first: the key expires no earlier
+# than that time plus the TTL.
+_RENEW = Script("""
+local t = redis.call('TIME')
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+return t
+""")
+
+
+class RedisClock:
+    """Redis's time as this worker reads it, and the end of its lease, for its deltas' ids.
+
+    Each renewal of the liveness key reads Redis's TIME in the same script; between
+    renewals the time is carried on by the local monotonic clock (ids never go below
+    their stream's last entry, so an estimate behind Redis's own time is safe).
+    ``limit_ms`` is the first millisecond this worker's deltas may not use: the key's
+    expiry less ``margin_s``. A newer attempt of one of its generations starts only after
+    the reaper saw the key missing past its expiry, and writes its entries with ids at
+    Redis's time then, above every id this worker may still choose: its late deltas are
+    refused (``shared.streams``). Before the first renewal the limit is 0: ids stay
+    just above the attempt's ``running`` entry.
+    """
+
+    def __init__(self) -> None:
+        self._at_ms = 0.0
+        self._at_mono = 0.0
+        self.limit_ms = 0
+
+    async def renew(self, redis: Redis, key: str, ttl_s: int,
+                    margin_s: float = LIMIT_MARGIN_S) -> None:
+        """Renew the liveness ``key`` for ``ttl_s`` and read Redis's time with it."""
+        seconds, micros = await _RENEW(redis, [key], ttl_s)
+        at_ms = int(seconds) * 1000 + int(micros) / 1000
+        self._at_ms, self._at_mono = at_ms, time.monotonic()
+        self.limit_ms = int(at_ms + (ttl_s - margin_s) * 1000)
+
+    def now_ms(self) -> int:
+        """Redis's time, as estimated from the last renewal."""
+        return int(self._at_ms + (time.monotonic() - self._at_mono) * 1000)
 
 
 class Lease:
@@ -56,6 +101,7 @@ class Lease:
         self._max_attempts = max_attempts
         self._tasks: list[asyncio.Task[None]] = []
         self._grace_s = grace_s
+        self.clock = RedisClock()
         # worker id -> (first, last) time (monotonic) this process saw its key missing
         self._suspects: dict[str, tuple[float, float]] = {}
 
@@ -84,7 +130,7 @@ class Lease:
         key = keys.worker_alive(self.worker_id)
         while True:
             try:
-                await self._redis.set(key, "1", ex=ALIVE_TTL_S)
+                await self.clock.renew(self._redis, key, ALIVE_TTL_S)
             except (RedisError, OSError) as exc:
                 logger.warning("lease renewal failed: %s", exc)
             await asyncio.sleep(RENEW_EVERY_S)

@@ -8,11 +8,14 @@ worker makes few large calls and an idle one appends at once.
 
 Guarantees, the same as one fenced append per delta:
 
-- order: a slot's deltas are numbered (``seq``) as they come and written in order;
-- fencing: the script refuses a slot whose attempt no longer owns its generation;
-  the slot is then ``fenced`` and its pump stops at its next delta or ``drain``;
+- order: a slot's deltas are numbered (``seq``) as they come and written in order, each
+  with an id the writer chose: Redis's time as the worker's clock reads it, above the
+  slot's previous id and below the end of the worker's lease (``Clock``);
+- fencing: Redis refuses those ids once a newer attempt started or the generation
+  ended (``shared.streams``); the slot is then ``fenced`` and its pump stops at its next
+  delta or ``drain``;
 - exactly once: a batch whose reply was lost (Redis restarted) is sent again with the
-  same numbers, and Redis skips what it had applied. A batch in flight is frozen: new
+  same ids, and Redis refuses what it had applied. A batch in flight is frozen: new
   deltas wait for the next one, so a retry never regroups entries.
 
 ``coalesce_s`` > 0 (``TOKENRELAY_COALESCE_MS``): the writer runs once per window and
@@ -24,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.crc import key_slot
@@ -51,6 +54,14 @@ MAX_BACKLOG = 1024
 _MERGEABLE = ("content", "reasoning")
 
 
+class Clock(Protocol):
+    """Redis's time as the worker reads it, and the end of its lease (``lease.RedisClock``)."""
+
+    limit_ms: int  # the first millisecond a delta's id may not use
+
+    def now_ms(self) -> int: ...
+
+
 class Fenced(Exception):
     """A newer attempt owns the stream, or it has ended: this attempt must stop writing."""
 
@@ -58,19 +69,26 @@ class Fenced(Exception):
 class Slot:
     """One attempt of one generation, as the writer sees it."""
 
-    __slots__ = ("gen_id", "attempt", "seq", "written", "pending", "inflight", "fenced",
-                 "failure", "_drained")
+    __slots__ = ("gen_id", "last_id", "seq", "written", "texts", "pending", "inflight",
+                 "fenced", "failure", "_drained")
 
-    def __init__(self, gen_id: str, attempt: int):
+    def __init__(self, gen_id: str, base: str):
         self.gen_id = gen_id
-        self.attempt = attempt
+        # The last id handed out; first, the attempt's ``running`` entry (``streams.start``).
+        self.last_id = ev.parse_id(base)
         self.seq = 0  # numbers handed out
         self.written = 0  # numbers Redis has acknowledged
+        self.texts: list[str] = []  # the text Redis has acknowledged, in order
         self.pending: list[dict[str, Any]] = []
         self.inflight: streams.Appends | None = None
         self.fenced = False
         self.failure: BaseException | None = None  # Redis stayed away past the retries
         self._drained: asyncio.Future[None] | None = None
+
+    @property
+    def content(self) -> str:
+        """The answer's text as written so far."""
+        return "".join(self.texts)
 
     def check(self) -> None:
         if self.failure is not None:
@@ -86,8 +104,10 @@ class Slot:
 
 
 class Writer:
-    def __init__(self, redis: Redis, *, cluster: bool = False, coalesce_s: float = 0.0):
+    def __init__(self, redis: Redis, clock: Clock, *, cluster: bool = False,
+                 coalesce_s: float = 0.0):
         self._redis = redis
+        self._clock = clock
         self._cluster = cluster
         self.coalesce_s = coalesce_s
         self._dirty: dict[Slot, None] = {}  # slots with pending deltas, in arrival order
@@ -150,6 +170,8 @@ class Writer:
         slots it wrote."""
         slots = list(self._dirty)
         self._dirty.clear()
+        clock = self._clock
+        now_ms = min(clock.now_ms(), clock.limit_ms - 1)
         batch = []
         for slot in slots:
             if slot.fenced or slot.failure is not None:
@@ -157,7 +179,7 @@ class Writer:
                 slot._settle()
                 continue
             if slot.inflight is None:
-                slot.inflight = _take(slot)
+                slot.inflight = _take(slot, now_ms)
             batch.append(slot)
         if not batch:
             return 0
@@ -209,17 +231,28 @@ class Writer:
         for slot, ok in zip(slots, results, strict=True):
             assert slot.inflight is not None
             if ok:
-                slot.written = slot.inflight.first_seq + len(slot.inflight.entries) - 1
+                entries = slot.inflight.entries
+                slot.written = slot.inflight.first_seq + len(entries) - 1
+                slot.texts += [text for _id, _data, text in entries if text]
             else:
                 slot.fenced = True
                 slot.pending.clear()
             slot.inflight = None
 
 
-def _take(slot: Slot) -> streams.Appends:
-    """A slot's pending deltas as numbered, encoded entries (frozen until acknowledged)."""
-    entries = [(ev.dumps(data), data.get("content") or "") for data in slot.pending]
+def _take(slot: Slot, now_ms: int) -> streams.Appends:
+    """A slot's pending deltas as numbered entries with their ids (frozen until
+    acknowledged): at ``now_ms``, or just above the slot's last id if that is not older."""
+    ms, seq = slot.last_id
+    entries = []
+    for data in slot.pending:
+        if now_ms > ms:
+            ms, seq = now_ms, 0
+        else:
+            seq += 1
+        entries.append((f"{ms}-{seq}", ev.dumps(data), data.get("content") or ""))
+    slot.last_id = (ms, seq)
     slot.pending.clear()
     first = slot.seq + 1
     slot.seq += len(entries)
-    return streams.Appends(slot.gen_id, slot.attempt, first, entries)
+    return streams.Appends(slot.gen_id, first, entries)

@@ -24,6 +24,12 @@ async def _new(client: Redis, gen_id: str = "gen_" + "a" * 32) -> str:
     return gen_id
 
 
+def _id(base: str, n: int) -> str:
+    """The id of delta ``n`` of the attempt that started at ``base`` (as a writer whose
+    clock stands still at the start would choose it)."""
+    return f"{ev.parse_id(base)[0]}-{n}"
+
+
 async def _types(client: Redis, gen_id: str) -> list[str]:
     entries = await streams.read_after(client, gen_id, None)
     return [ev.decode_entry(eid, f).type for eid, f in entries]
@@ -42,12 +48,14 @@ async def test_create_writes_queued_status_and_first_event(client: Redis) -> Non
 async def test_stale_attempt_is_fenced(client: Redis) -> None:
     """Once attempt 2 starts, attempt 1 can neither append nor finish; the restart is announced."""
     gen_id = await _new(client)
-    assert (await streams.start(client, gen_id, 1))[0]
-    assert await streams.append_delta(client, gen_id, 1, {"content": "old"}, 1)
-    assert (await streams.start(client, gen_id, 2))[0]
-    assert not await streams.append_delta(client, gen_id, 1, {"content": "stale"}, 2)
+    started, first = await streams.start(client, gen_id, 1)
+    assert started
+    assert await streams.append_delta(client, gen_id, _id(first, 1), {"content": "old"})
+    started, second = await streams.start(client, gen_id, 2)
+    assert started and ev.parse_id(second)[0] > ev.parse_id(first)[0]
+    assert not await streams.append_delta(client, gen_id, _id(first, 2), {"content": "stale"})
     assert not await streams.finish(client, gen_id, 1, ev.DONE, {}, 60)
-    assert await streams.append_delta(client, gen_id, 2, {"content": "new"}, 1)
+    assert await streams.append_delta(client, gen_id, _id(second, 1), {"content": "new"})
     meta, content = await streams.read_status(client, gen_id)  # type: ignore[misc]
     assert content == "new"
     entries = await streams.read_after(client, gen_id, None)
@@ -59,12 +67,12 @@ async def test_stale_attempt_is_fenced(client: Redis) -> None:
 async def test_exactly_one_terminal_event(client: Redis) -> None:
     """The first terminal write wins; later ones (any attempt, any type) are refused."""
     gen_id = await _new(client)
-    await streams.start(client, gen_id, 1)
+    _, base = await streams.start(client, gen_id, 1)
     assert await streams.finish(client, gen_id, 1, ev.DONE, {"finish_reason": "stop"}, 60,
                                 {"finish_reason": "stop"})
     assert not await streams.finish(client, gen_id, 1, ev.ERROR, {}, 60)
     assert not await streams.finish(client, gen_id, None, ev.CANCELLED, {}, 60)
-    assert not await streams.append_delta(client, gen_id, 1, {"content": "late"}, 1)
+    assert not await streams.append_delta(client, gen_id, _id(base, 1), {"content": "late"})
     assert (await _types(client, gen_id)).count("done") == 1
     assert await _types(client, gen_id) == ["status", "status", "done"]
     assert 0 < await client.ttl(keys.events(gen_id)) <= 60
@@ -91,9 +99,9 @@ async def test_cancel_outcomes(client: Redis) -> None:
 async def test_read_after_is_exclusive(client: Redis) -> None:
     """read_after returns the entries strictly after the given id."""
     gen_id = await _new(client)
-    await streams.start(client, gen_id, 1)
+    _, base = await streams.start(client, gen_id, 1)
     for seq, word in enumerate(("a", "b", "c"), start=1):
-        await streams.append_delta(client, gen_id, 1, {"content": word}, seq)
+        await streams.append_delta(client, gen_id, _id(base, seq), {"content": word})
     entries = await streams.read_after(client, gen_id, None)
     second = entries[1][0].decode()
     rest = await streams.read_after(client, gen_id, second)
@@ -103,13 +111,70 @@ async def test_read_after_is_exclusive(client: Redis) -> None:
 async def test_retried_append_is_not_duplicated(client: Redis) -> None:
     """Re-sending a delta with the same sequence number (a lost reply) appends it once."""
     gen_id = await _new(client)
-    await streams.start(client, gen_id, 1)
-    assert await streams.append_delta(client, gen_id, 1, {"content": "a"}, 1)
-    assert await streams.append_delta(client, gen_id, 1, {"content": "a"}, 1)
-    assert await streams.append_delta(client, gen_id, 1, {"content": "b"}, 2)
+    _, base = await streams.start(client, gen_id, 1)
+    assert await streams.append_delta(client, gen_id, _id(base, 1), {"content": "a"})
+    assert await streams.append_delta(client, gen_id, _id(base, 1), {"content": "a"})
+    assert await streams.append_delta(client, gen_id, _id(base, 2), {"content": "b"})
+    assert await streams.append_delta(client, gen_id, _id(base, 1), {"content": "a"})
     _, content = await streams.read_status(client, gen_id)  # type: ignore[misc]
     assert content == "ab"
     assert await _types(client, gen_id) == ["status", "status", "delta", "delta"]
+
+
+async def test_a_retried_start_gets_the_same_base(client: Redis) -> None:
+    """A start sent again by the same run (its reply was lost) answers the same base, so the
+    deltas it then writes are the ones the first reply would have numbered."""
+    gen_id = await _new(client)
+    assert await streams.start(client, gen_id, 1, "run-a") == await streams.start(
+        client, gen_id, 1, "run-a")
+    assert await _types(client, gen_id) == ["status", "status"]
+
+
+async def test_entries_after_deltas_are_above_them_even_if_the_clock_is_behind(
+    client: Redis,
+) -> None:
+    """A terminal event written while the stream's last id is ahead of Redis's clock (a
+    writer's estimate ahead, the same millisecond, a clock stepped back) still goes above
+    it, so a late delta of the attempt is refused."""
+    gen_id = await _new(client)
+    _, base = await streams.start(client, gen_id, 1)
+    ahead = ev.parse_id(base)[0] + 60_000
+    assert await streams.append_delta(client, gen_id, f"{ahead}-5", {"content": "a"})
+    assert await streams.finish(client, gen_id, 1, ev.DONE, {}, 60)
+    last = (await streams.read_after(client, gen_id, None))[-1][0].decode()
+    assert last == f"{ahead + 1}-0"
+    assert not await streams.append_delta(client, gen_id, f"{ahead}-6", {"content": "late"})
+
+
+async def test_a_delta_below_the_last_entry_is_refused_and_never_counts_as_written(
+    client: Redis,
+) -> None:
+    """An id at or below the stream's last entry that was never written (not a retry) is
+    the mark of a fenced attempt: refused, not taken for a duplicate."""
+    gen_id = await _new(client)
+    _, base = await streams.start(client, gen_id, 1)
+    assert await streams.append_delta(client, gen_id, _id(base, 5), {"content": "a"})
+    assert not await streams.append_delta(client, gen_id, _id(base, 3), {"content": "b"})
+    assert await streams.append_delta(client, gen_id, _id(base, 5), {"content": "a"})
+    assert (await streams.read_status(client, gen_id))[1] == "a"  # type: ignore[index]
+
+
+async def test_content_is_kept_with_the_end_or_read_from_the_stream(client: Redis) -> None:
+    """The text given to finish is the content; without it (a reaper's end), the content is
+    the latest attempt's deltas, read from the stream."""
+    given, folded = await _new(client, "gen_" + "f" * 32), await _new(client, "gen_" + "9" * 32)
+    for gen_id in (given, folded):
+        _, base = await streams.start(client, gen_id, 1)
+        await streams.append_delta(client, gen_id, _id(base, 1), {"content": "lost "})
+        _, base = await streams.start(client, gen_id, 2)
+        for seq, word in enumerate(("a", "b"), start=1):
+            await streams.append_delta(client, gen_id, _id(base, seq), {"content": word})
+        assert (await streams.read_status(client, gen_id))[1] == "ab"  # type: ignore[index]
+    assert await streams.finish(client, given, 2, ev.DONE, {}, 60, content="ab")
+    assert await client.get(keys.content(given)) == b"ab"
+    assert await streams.finish(client, folded, None, ev.ERROR, {}, 60)
+    assert not await client.exists(keys.content(folded))
+    assert (await streams.read_status(client, folded))[1] == "ab"  # type: ignore[index]
 
 
 async def test_create_with_a_job_queues_it_in_the_same_transaction(

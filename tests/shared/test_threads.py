@@ -66,9 +66,11 @@ async def _post(client: Redis, thread_id: str, content: str, if_busy: str = "rej
 
 async def _finish(client: Redis, gen_id: str, text: str, event: str = ev.DONE) -> None:
     """What a worker does: run the generation to its terminal event."""
-    assert (await streams.start(client, gen_id, 1))[0]
+    started, base = await streams.start(client, gen_id, 1)
+    assert started
     if text:
-        assert await streams.append_delta(client, gen_id, 1, {"content": text}, 1)
+        assert await streams.append_delta(client, gen_id, f"{base.split('-')[0]}-1",
+                                          {"content": text})
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     fields = {"usage": json.dumps(usage), "finish_reason": "stop"} if event == ev.DONE else {}
     assert await streams.finish(client, gen_id, 1, event, {}, 60, fields)

@@ -66,10 +66,10 @@ async def job(redis_server: RedisServer) -> AsyncIterator[Job]:
     provider = Scripted()
     ends = Lifecycle(redis, settings.retention_s)
     control = Control(redis, channels=pool)
+    lease = Lease(redis, pool, ends, settings.max_attempts)
     wc = WorkerContext(settings=settings, redis=redis, queue=pool,
                        providers=Providers({"test": provider}), control=control,
-                       lease=Lease(redis, pool, ends, settings.max_attempts), lifecycle=ends,
-                       writer=Writer(redis))
+                       lease=lease, lifecycle=ends, writer=Writer(redis, lease.clock))
     wc.writer.start()
     yield Job(wc, provider)
     await wc.writer.stop()

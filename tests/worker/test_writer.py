@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from tokenrelay.cli.redis_server import RedisServer
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import streams
+from tokenrelay.worker.lease import RedisClock
 from tokenrelay.worker.writer import Fenced, Slot, Writer
 
 
@@ -23,12 +24,23 @@ async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
     await r.aclose()
 
 
-async def _running(client: Redis, n: int, attempt: int = 1) -> list[str]:
-    ids = [f"gen_{i:032x}" for i in range(n)]
-    for gen_id in ids:
+async def _clock(client: Redis, ttl_s: int = 4, margin_s: float = 1.0) -> RedisClock:
+    """A worker's clock, read from ``client``'s Redis as its lease renewal does."""
+    clock = RedisClock()
+    await clock.renew(client, "tr:test:alive", ttl_s, margin_s)
+    return clock
+
+
+async def _running(client: Redis, n: int, attempt: int = 1) -> list[Slot]:
+    """``n`` generations started by ``attempt``, as the writer's slots."""
+    slots = []
+    for i in range(n):
+        gen_id = f"gen_{i:032x}"
         await streams.create(client, streams.NewGeneration(gen_id, "t1", "fake:lorem", {}, 1.0))
-        assert (await streams.start(client, gen_id, attempt))[0]
-    return ids
+        started, base = await streams.start(client, gen_id, attempt)
+        assert started
+        slots.append(Slot(gen_id, base))
+    return slots
 
 
 async def _deltas(client: Redis, gen_id: str) -> list[str]:
@@ -40,9 +52,8 @@ async def _deltas(client: Redis, gen_id: str) -> list[str]:
 async def test_many_generations_go_in_one_call_in_order(client: Redis) -> None:
     """Deltas of 50 generations queued together are written by one script call, each
     generation's in order, its content key equal to its events."""
-    ids = await _running(client, 50)
-    writer = Writer(client)
-    slots = [Slot(gen_id, 1) for gen_id in ids]
+    slots = await _running(client, 50)
+    writer = Writer(client, await _clock(client))
     for word in ("a", "b", "c"):
         for slot in slots:
             writer.append(slot, {"content": word})
@@ -52,15 +63,43 @@ async def test_many_generations_go_in_one_call_in_order(client: Redis) -> None:
         await writer.drain(slot)
         assert await _deltas(client, slot.gen_id) == ["a", "b", "c"]
         assert (await streams.read_status(client, slot.gen_id))[1] == "abc"  # type: ignore[index]
+        assert slot.content == "abc"
+
+
+async def test_delta_ids_carry_redis_time_and_stop_at_the_lease(client: Redis) -> None:
+    """A delta's id is Redis's time when the writer took it (as the stream's other ids
+    are), and never at or past the end of the worker's lease, whatever its clock says."""
+    (slot,) = await _running(client, 1)
+    writer = Writer(client, await _clock(client))
+    before = await client.time()
+    writer.append(slot, {"content": "a"})
+    await writer.flush()
+    after = await client.time()
+    (delta,) = (await streams.read_after(client, slot.gen_id, None))[-1:]
+    ms = ev.parse_id(delta[0].decode())[0]
+    assert before[0] * 1000 + before[1] // 1000 - 5 <= ms <= after[0] * 1000 + after[1] // 1000
+
+    ended = await _clock(client, ttl_s=1, margin_s=1.0)  # a lease that ends now
+    writer = Writer(client, ended)
+    for word in ("b", "c"):
+        writer.append(slot, {"content": word})
+        await writer.flush()
+    await writer.drain(slot)
+    ids = [ev.parse_id(e[0].decode()) for e in await streams.read_after(client, slot.gen_id, None)]
+    assert ids == sorted(ids) and all(i[0] < ended.limit_ms for i in ids[-2:])
+    assert slot.content == "abc"
 
 
 async def test_a_resent_batch_appends_nothing_twice(client: Redis) -> None:
     """A batch sent again (its reply was lost), alone or with later entries, is applied once."""
-    (gen_id,) = await _running(client, 1)
-    first = streams.Appends(gen_id, 1, 1, [('{"content":"a"}', "a"), ('{"content":"b"}', "b")])
+    (slot,) = await _running(client, 1)
+    gen_id = slot.gen_id
+    ms = slot.last_id[0] + 1
+    a, b, c = ((f"{ms}-{n}", f'{{"content":"{w}"}}', w) for n, w in enumerate("abc"))
+    first = streams.Appends(gen_id, 1, [a, b])
     assert await streams.append_batch(client, [first]) == [True]
     assert await streams.append_batch(client, [first]) == [True]
-    more = streams.Appends(gen_id, 1, 2, [('{"content":"b"}', "b"), ('{"content":"c"}', "c")])
+    more = streams.Appends(gen_id, 2, [b, c])
     assert await streams.append_batch(client, [more]) == [True]
     assert await _deltas(client, gen_id) == ["a", "b", "c"]
     assert (await streams.read_status(client, gen_id))[1] == "abc"  # type: ignore[index]
@@ -108,9 +147,8 @@ async def test_a_batch_whose_reply_is_lost_is_applied_once(redis_server: RedisSe
     proxy = await ReplyDropper(redis_server.port).start()
     client = Redis.from_url(f"redis://127.0.0.1:{proxy.port}/0")
     try:
-        ids = await _running(client, 5)
-        writer = Writer(client)
-        slots = [Slot(gen_id, 1) for gen_id in ids]
+        slots = await _running(client, 5)
+        writer = Writer(client, await _clock(client))
         for word in ("a", "b", "c"):
             for slot in slots:
                 writer.append(slot, {"content": word})
@@ -128,10 +166,12 @@ async def test_a_batch_whose_reply_is_lost_is_applied_once(redis_server: RedisSe
 async def test_a_fenced_generation_stops_and_its_neighbours_write(client: Redis) -> None:
     """In one batch, the generation a newer attempt took over writes nothing and its pump
     is told (Fenced); the other generations are written."""
-    old, other = await _running(client, 2)
-    writer = Writer(client)
-    stale, fine = Slot(old, 1), Slot(other, 1)
-    assert (await streams.start(client, old, 2))[0]  # attempt 2 took over elsewhere
+    stale, fine = await _running(client, 2)
+    old, other = stale.gen_id, fine.gen_id
+    # This worker's lease ran out (its key expired, as a stalled or cut-off worker's
+    # does), then attempt 2 took over elsewhere; its clock still runs.
+    writer = Writer(client, await _clock(client, ttl_s=1, margin_s=1.0))
+    assert (await streams.start(client, old, 2))[0]
     writer.append(stale, {"content": "stale"})
     writer.append(fine, {"content": "fine"})
     await writer.flush()
@@ -147,9 +187,9 @@ async def test_a_fenced_generation_stops_and_its_neighbours_write(client: Redis)
 async def test_coalescing_makes_one_entry_per_window_with_the_same_text(client: Redis) -> None:
     """With a window, consecutive text deltas become one entry per flush; reasoning and
     tool calls are not merged with text."""
-    (gen_id,) = await _running(client, 1)
-    writer = Writer(client, coalesce_s=0.02)
-    slot = Slot(gen_id, 1)
+    (slot,) = await _running(client, 1)
+    gen_id = slot.gen_id
+    writer = Writer(client, await _clock(client), coalesce_s=0.02)
     for word in ("a", " b", " c"):
         writer.append(slot, {"content": word})
     writer.append(slot, {"reasoning": "r"})
@@ -169,15 +209,14 @@ async def test_a_redis_restart_mid_batches_loses_and_duplicates_nothing(tmp_path
     ends with every word once, in order, in its events and in its content."""
     server = RedisServer(data_dir=tmp_path / "redis").start()
     client = Redis.from_url(server.url)
-    writer = Writer(client)
+    writer = Writer(client, await _clock(client))
     writer.start()
     try:
-        ids = await _running(client, 20)
+        slots = await _running(client, 20)
         words = [f" w{i}" for i in range(200)]
         halfway, restarted = asyncio.Event(), asyncio.Event()
 
-        async def pump(gen_id: str) -> None:
-            slot = Slot(gen_id, 1)
+        async def pump(slot: Slot) -> None:
             for i, word in enumerate(words):
                 writer.append(slot, {"content": word})
                 if i == 100:
@@ -186,15 +225,16 @@ async def test_a_redis_restart_mid_batches_loses_and_duplicates_nothing(tmp_path
                 await asyncio.sleep(0.002)
             await writer.drain(slot)
 
-        pumps = asyncio.gather(*(pump(g) for g in ids))
+        pumps = asyncio.gather(*(pump(slot) for slot in slots))
         await asyncio.wait_for(halfway.wait(), 30)  # batches are being written
         server.stop()  # a clean shutdown writes the AOF; replies in flight are lost
         server.start()
         restarted.set()
         await asyncio.wait_for(pumps, 60)
-        for gen_id in ids:
-            assert "".join(await _deltas(client, gen_id)) == "".join(words)
-            assert (await streams.read_status(client, gen_id))[1] == "".join(words)  # type: ignore[index]
+        for slot in slots:
+            assert "".join(await _deltas(client, slot.gen_id)) == "".join(words)
+            assert (await streams.read_status(client, slot.gen_id))[1] == "".join(words)  # type: ignore[index]
+            assert slot.content == "".join(words)
     finally:
         await writer.stop()
         await client.aclose()
