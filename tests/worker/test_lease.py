@@ -21,7 +21,14 @@ from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys, limits, queue, streams, usage
 from tokenrelay.shared.lifecycle import Lifecycle
 from tokenrelay.shared.redis import create_redis
-from tokenrelay.worker.lease import ALIVE_TTL_S, REAP_EVERY_S, SUSPECT_GRACE_S, Lease
+from tokenrelay.worker.lease import (
+    ALIVE_TTL_S,
+    LIMIT_MARGIN_S,
+    REAP_EVERY_S,
+    SUSPECT_GRACE_S,
+    Lease,
+    RedisClock,
+)
 
 TENANT = "t1"
 QUEUE_NAME = "tr:test-queue"
@@ -175,3 +182,22 @@ async def _poll(check: Callable[[], Awaitable[Any]], deadline_s: float) -> Any:
                 break
         await asyncio.sleep(0.05)
     return result
+
+
+async def test_the_clock_keeps_delta_ids_below_the_liveness_keys_expiry(
+    redis_server: RedisServer,
+) -> None:
+    """A renewal reads Redis's time with the key: the clock follows Redis's time, and the
+    limit of its deltas' ids is at least the margin before the key expires (by Redis's
+    clock), so a takeover after the expiry writes above them."""
+    client = Redis.from_url(redis_server.url)
+    try:
+        clock = RedisClock()
+        await clock.renew(client, "tr:test:alive", ALIVE_TTL_S)
+        seconds, micros = await client.time()
+        now_ms = seconds * 1000 + micros // 1000
+        expires_ms = now_ms + await client.pttl("tr:test:alive")
+        assert clock.limit_ms <= expires_ms - LIMIT_MARGIN_S * 1000 + 1
+        assert abs(clock.now_ms() - now_ms) <= 50
+    finally:
+        await client.aclose()
