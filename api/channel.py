@@ -32,7 +32,9 @@ from tokenrelay.shared import events as ev
 CHUNK_FRAMES = 256
 CHUNK_BYTES = 64 * 1024
 
-Entry = tuple[bytes | str, dict[Any, Any]]  # one XRANGE/XREAD entry: (id, fields)
+# One XRANGE/XREAD entry: (id, fields), the fields a dict (redis-py's parsed reply) or the
+# flat [name, value, ...] list of a raw reply (the hub's reads): see events.decode_entry.
+Entry = Sequence[Any]
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 

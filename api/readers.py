@@ -3,10 +3,12 @@
     Hub ──add(channel)──▶ StreamReader
                             ├─ SingleReader:  one ReadLoop, one XREAD over every active stream
                             └─ ClusterReader: one ReadLoop per hash slot with active streams
-    ReadLoop ── XREAD BLOCK ──▶ deliver(batch): channel.append (viewers woken), lag observed
+    ReadLoop ── XREAD BLOCK (Roster.command) ──▶ Roster.deliver(reply): channel.append
+                                                  (viewers woken), cursors advanced, lag observed
 
 A :class:`ReadLoop` holds a dedicated blocking connection (socket timeout above
-the block time, no retries) and reads its channels' streams from their cursors,
+the block time, no retries) and reads its channels' streams from their cursors
+(its :class:`Roster`, which keeps the command packed between reads),
 plus a private wake stream: a channel added while a read is in flight interrupts
 it with an XADD there. A Redis Cluster refuses a multi-key command across slots
 (CROSSSLOT), so there a loop serves one slot, on the node that owns it; its wake
@@ -19,26 +21,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
 
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import Connection
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
-from tokenrelay.api.channel import Channel, Entry
-from tokenrelay.shared import events as ev
+from tokenrelay.api.channel import Channel
 from tokenrelay.shared import keys
-from tokenrelay.shared.redis import Backoff, create_blocking_redis, text
+from tokenrelay.shared.redis import Backoff, create_blocking_redis
 
 logger = logging.getLogger(__name__)
 
 BLOCK_MS = 5000
 READ_COUNT = 500
 
-# Called with each batch's lag: seconds from its newest entry's append to its read.
+# Called once per read with its lag: seconds from the append of the newest entry of the
+# read's stalest stream (the largest of its streams' lags) to the read.
 LagObserver = Callable[[float], None]
 
 
@@ -55,29 +60,121 @@ class StreamReader(Protocol):
         """End every read, close the connections, remove the wake streams."""
 
 
+def _arg(value: bytes) -> bytes:
+    """One argument of a command as Redis's protocol (RESP) sends it."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
 
-def deliver(batch: list[tuple[Any, list[Entry]]], channels: dict[str, Channel],
-            on_lag: LagObserver | None) -> None:
-    """Append each stream's entries of an XREAD reply to its channel (which wakes its
-    viewers) and report their lag; streams of no channel, or of a closed one, are skipped."""
-    for raw_key, entries in batch:
-        channel = channels.get(text(raw_key))
-        if channel is None or channel.closed or not entries:
-            continue
-        try:
-            channel.append(entries)
-        except (KeyError, ValueError) as exc:  # a malformed entry: only its stream fails
-            logger.error("hub cannot decode an event of generation_id=%s: %r",
-                         channel.gen_id, exc)
-            channel.fail(exc)
-            continue
-        if on_lag is not None:
-            appended_ms = ev.parse_id(text(entries[-1][0]))[0]
-            on_lag(max(0.0, time.time() - appended_ms / 1000))
+
+# XREAD COUNT n BLOCK ms STREAMS, before the keys and then their cursors.
+_XREAD = b"".join(map(_arg, (b"XREAD", b"COUNT", b"%d" % READ_COUNT, b"BLOCK", b"%d" % BLOCK_MS,
+                             b"STREAMS")))
+_closed = operator.attrgetter("closed")  # any(map(_closed, ...)): no Python frame per channel
+
+
+class Roster:
+    """The streams one loop reads, their channels, and the XREAD naming them, kept packed.
+
+    Packing a command that names every active stream anew for each read (redis-py
+    encodes its 2N arguments one by one) and parsing the reply into a dict per entry
+    (and collecting those dicts) cost the hub more than delivering the entries
+    (docs/benchmarks.md, issue 15). Here a key is packed once and a cursor when it
+    advances, so a read only joins the pieces; the reply stays the nested lists hiredis
+    makes, an entry's fields a flat list. A stream's place in the lists does not matter
+    to XREAD: a removed one's place goes to the last. The loop changes a roster only
+    between reads, so a reply goes to the channels its command was built from.
+    """
+
+    def __init__(self, wake_key: str):
+        # Per stream, by its place in the command: channel, key, key and cursor packed.
+        self.channels: list[Channel] = []
+        self._keys: list[bytes] = []
+        self._key_args: list[bytes] = []
+        self._cursor_args: list[bytes] = []
+        self._places: dict[bytes, int] = {}  # stream key -> place
+        self._wake_key = wake_key.encode()
+        self._wake_key_arg = _arg(self._wake_key)
+        self._wake_cursor_arg = _arg(b"0-0")
+
+    def __len__(self) -> int:
+        return len(self.channels)
+
+    def __contains__(self, key: str) -> bool:
+        return key.encode() in self._places
+
+    def put(self, key: str, channel: Channel) -> None:
+        """Read ``channel`` from its cursor on, instead of the stream's former channel."""
+        raw = key.encode()
+        place = self._places.get(raw)
+        if place is not None:
+            self._remove(place)
+        if channel.active:
+            self._places[raw] = len(self._keys)
+            self._keys.append(raw)
+            self._key_args.append(_arg(raw))
+            self._cursor_args.append(_arg(channel.cursor.encode()))
+            self.channels.append(channel)
+
+    def _remove(self, place: int) -> None:
+        del self._places[self._keys[place]]
+        for items in (self._keys, self._key_args, self._cursor_args):
+            items[place] = items[-1]
+            items.pop()
+        self.channels[place] = self.channels[-1]
+        self.channels.pop()
+        if place < len(self._keys):
+            self._places[self._keys[place]] = place
+
+    def sweep(self) -> None:
+        """Forget the channels their last viewer left. Between reads nothing else ends a
+        channel: an end or a failure comes with a delivery, and is seen there."""
+        if any(map(_closed, self.channels)):
+            for place in reversed(range(len(self.channels))):
+                if self.channels[place].closed:
+                    self._remove(place)
+
+    def command(self) -> bytes:
+        """The XREAD of every stream from its cursor, and of the wake stream, packed."""
+        parts = [b"*%d\r\n" % (8 + 2 * len(self._keys)), _XREAD]
+        parts += self._key_args
+        parts.append(self._wake_key_arg)
+        parts += self._cursor_args
+        parts.append(self._wake_cursor_arg)
+        return b"".join(parts)
+
+    def deliver(self, reply: list[Any], on_lag: LagObserver | None) -> None:
+        """Append each stream's entries of an XREAD reply to its channel (which wakes its
+        viewers) and advance its cursor; forget the streams that ended; report the lag.
+        A stream of no channel, or of a closed one, is skipped."""
+        newest_ms = None  # of the stalest stream
+        for raw_key, entries in reply:
+            place = self._places.get(raw_key)
+            if place is None:
+                if raw_key == self._wake_key and entries:
+                    self._wake_cursor_arg = _arg(entries[-1][0])
+                continue
+            channel = self.channels[place]
+            if channel.closed or not entries:
+                continue
+            try:
+                channel.append(entries)
+            except (KeyError, ValueError) as exc:  # a malformed entry: only its stream fails
+                logger.error("hub cannot decode an event of generation_id=%s: %r",
+                             channel.gen_id, exc)
+                channel.fail(exc)
+                self._remove(place)
+                continue
+            self._cursor_args[place] = _arg(entries[-1][0])
+            stream_ms = channel.ids[-1][0]
+            if newest_ms is None or stream_ms < newest_ms:
+                newest_ms = stream_ms
+            if channel.done:
+                self._remove(place)
+        if on_lag is not None and newest_ms is not None:
+            on_lag(max(0.0, time.time() - newest_ms / 1000))
 
 
 class ReadLoop:
-    """One blocking XREAD at a time over a set of channels' streams and a wake stream."""
+    """One blocking XREAD at a time over a roster of channels' streams and a wake stream."""
 
     def __init__(
         self,
@@ -93,16 +190,17 @@ class ReadLoop:
     ):
         self.wake_key = wake_key
         self.label = label
-        self.channels: dict[str, Channel] = {}  # by stream key
-        self.in_flight: set[str] = set()  # stream keys of the XREAD in flight
+        self.roster = Roster(wake_key)
+        self.reading = False  # an XREAD of the roster is in flight
+        self._added: dict[str, Channel] = {}  # by stream key, for the roster's next read
         self._redis = redis  # the pooled client: wakes, clean-up
         self._connect = connect
         self._on_lag = on_lag
         self._linger = linger  # idle: wait for a channel (True) or end (False)
         self._on_moved = on_moved
         self._on_exit = on_exit
-        self._conn: Redis | None = None
-        self._wake_cursor = "0-0"
+        self._client: Redis | None = None
+        self._conn: Connection | None = None  # the client's one connection
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -112,10 +210,10 @@ class ReadLoop:
 
     async def add(self, channel: Channel) -> None:
         key = keys.events(channel.gen_id)
-        self.channels[key] = channel
+        self._added[key] = channel
         if self._task is None or self._task.done():
             self.start()
-        elif self.in_flight and key not in self.in_flight:
+        elif self.reading and key not in self.roster:
             await self._wake()
         else:
             self._changed.set()
@@ -126,29 +224,24 @@ class ReadLoop:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def _active(self) -> dict[str, Channel]:
-        """The channels still to read; the others are forgotten."""
-        self.channels = {key: ch for key, ch in self.channels.items() if ch.active}
-        return self.channels
-
     async def _run(self) -> None:
         backoff = Backoff(0.05, 2.0)
+        roster = self.roster
         try:
             while True:
-                active = self._active()
-                if not active:
+                for key, channel in self._added.items():
+                    roster.put(key, channel)
+                self._added.clear()
+                roster.sweep()
+                if not roster:
                     if not self._linger:
                         return
                     self._changed.clear()
                     await self._changed.wait()
                     continue
-                streams: dict[Any, Any] = {key: ch.cursor for key, ch in active.items()}
-                streams[self.wake_key] = self._wake_cursor
-                self.in_flight = set(active)
+                self.reading = True
                 try:
-                    if self._conn is None:
-                        self._conn = await self._connect()
-                    batch = await self._conn.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+                    reply = await self._read(roster.command())
                     backoff.reset()
                 except (RedisError, OSError) as exc:
                     logger.warning("hub read failed (%s: %s); retrying in %.2fs",
@@ -160,17 +253,28 @@ class ReadLoop:
                     await backoff.sleep()
                     continue
                 finally:
-                    self.in_flight = set()
-                for raw_key, entries in batch or []:
-                    if text(raw_key) == self.wake_key:
-                        self._wake_cursor = text(entries[-1][0])
-                deliver(batch or [], active, self._on_lag)
+                    self.reading = False
+                if reply:
+                    roster.deliver(reply, self._on_lag)
         finally:
             if self._on_exit is not None:
                 self._on_exit(self)  # before any await: a new channel then starts a new loop
             await self._close()
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.delete(self.wake_key)
+
+    async def _read(self, command: bytes) -> list[Any] | None:
+        """Send a packed XREAD on the blocking connection; its reply as hiredis parses it
+        (None when the block timed out). No response callback: the roster reads the lists."""
+        if self._conn is None:
+            client = self._client = await self._connect()
+            await client.initialize()  # a single-connection client: connects its connection
+            self._conn = client.connection
+            if self._conn is None:
+                raise RedisConnectionError(f"no connection for the hub read ({self.label})")
+        await self._conn.send_packed_command(command, check_health=False)
+        reply: list[Any] | None = await self._conn.read_response()
+        return reply
 
     async def _wake(self) -> None:
         """Interrupt the blocking XREAD so that it picks up a new stream now."""
@@ -183,10 +287,11 @@ class ReadLoop:
             logger.warning("hub wake failed (%s): %s", self.label, exc)
 
     async def _close(self) -> None:
-        if self._conn is not None:
+        self._conn = None
+        if self._client is not None:
             with contextlib.suppress(RedisError, OSError):
-                await self._conn.aclose()
-            self._conn = None
+                await self._client.aclose()
+            self._client = None
 
 
 class SingleReader:

@@ -9,7 +9,6 @@ writes it as is, so the API never re-serialises (nor, for SSE, parses) an event.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from tokenrelay.shared.redis import text
@@ -40,21 +39,24 @@ EVENT_TYPES = frozenset({STATUS, DELTA}) | TERMINAL_TYPES
 # httpx-sse and fetch-event-source yield it as an event with empty data.
 RETRY_FRAME = b"retry: 1000\n"
 
-_ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 _MAX_U64 = 2**64 - 1
 
 StreamId = tuple[int, int]
 
 
 def parse_id(raw: str) -> StreamId:
-    """Parse a Redis Stream entry id ``ms-seq``; raise ValueError if malformed."""
-    match = _ID_RE.match(raw)
-    if match is None:
-        raise ValueError(f"malformed event id {raw!r}: expected <milliseconds>-<sequence>")
-    ms, seq = int(match[1]), int(match[2])
-    if ms > _MAX_U64 or seq > _MAX_U64:
+    """Parse a Redis Stream entry id ``ms-seq``; raise ValueError if malformed.
+
+    Runs once per event the hub reads, so string methods rather than a regular
+    expression: ``isascii`` first, as ``isdigit`` alone accepts other scripts' digits.
+    """
+    ms, _, seq = raw.partition("-")
+    if raw.isascii() and ms.isdigit() and seq.isdigit() and len(ms) <= 20 and len(seq) <= 20:
+        sid = int(ms), int(seq)
+        if sid[0] <= _MAX_U64 and sid[1] <= _MAX_U64:
+            return sid
         raise ValueError(f"malformed event id {raw!r}: out of range")
-    return ms, seq
+    raise ValueError(f"malformed event id {raw!r}: expected <milliseconds>-<sequence>")
 
 
 def format_id(sid: StreamId) -> str:
@@ -125,17 +127,31 @@ def entry_fields(event_type: str, data: dict[str, Any]) -> dict[str, str]:
     return {"t": event_type, "d": dumps(data)}
 
 
-# The known types by value, so that every decoded event shares one string per type.
-_TYPES = {t: t for t in EVENT_TYPES}
+# The known types by value, as text and as a reply's bytes, so that every decoded event
+# shares one string per type (and a type read as bytes needs no decoding).
+_TYPES: dict[bytes | str, str] = {t: t for t in EVENT_TYPES} | {t.encode(): t for t in EVENT_TYPES}
 
 
-def decode_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
-    """Turn an XRANGE/XREAD entry (bytes or str fields) into an Event."""
+def decode_entry(entry_id: bytes | str, fields: dict[Any, Any] | list[Any]) -> Event:
+    """Turn an XRANGE/XREAD entry into an Event. ``fields`` is a dict (redis-py's parsed
+    reply, bytes or str) or, from a raw reply (the hub's reads), the flat list
+    ``[name, value, ...]``, where the writer's ``t, type, d, data`` in bytes is taken as
+    it stands: once per event read, so no dict, and positional arguments (a keyword one
+    costs Event() a dict)."""
+    if isinstance(fields, list):
+        if len(fields) == 4 and fields[0] == b"t" and fields[2] == b"d":
+            raw_type = fields[1]
+            return Event(text(entry_id), _TYPES.get(raw_type) or raw_type.decode(), None,
+                         fields[3].decode())
+        # another order, other fields, or text: as a dict
+        return decode_entry(entry_id, dict(zip(fields[::2], fields[1::2], strict=True)))
     raw_type = fields.get(b"t")
-    etype = text(fields["t"] if raw_type is None else raw_type)
+    if raw_type is None:
+        raw_type = fields["t"]
     raw_data = fields.get(b"d")
-    data_json = text(fields["d"] if raw_data is None else raw_data)
-    return Event(text(entry_id), _TYPES.get(etype, etype), data_json=data_json)
+    if raw_data is None:
+        raw_data = fields["d"]
+    return Event(text(entry_id), _TYPES.get(raw_type) or text(raw_type), None, text(raw_data))
 
 
 def encode_sse(entry_id: str, event_type: str, data_json: str) -> bytes:

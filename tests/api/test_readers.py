@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 from redis.crc import key_slot
 
 from tests.api.server import until
 from tokenrelay.api.channel import Channel
-from tokenrelay.api.readers import BLOCK_MS, ClusterReader, SingleReader, deliver
+from tokenrelay.api.readers import BLOCK_MS, READ_COUNT, ClusterReader, Roster, SingleReader
 from tokenrelay.cli.redis_server import RedisServer
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys
@@ -50,28 +51,80 @@ def loaded(gen_id: str) -> Channel:
     return Channel(gen_id, 1000)
 
 
-async def test_deliver_appends_by_stream_and_reports_lag() -> None:
-    """A batch goes to its streams' channels (not to closed or unknown ones), lag is reported."""
+def roster_of(*channels: Channel) -> Roster:
+    roster = Roster("tr:hub:test")
+    for channel in channels:
+        roster.put(keys.events(channel.gen_id), channel)
+    return roster
+
+
+def entry(entry_id: bytes, event_type: bytes = b"delta", data: bytes = b"{}") -> list[Any]:
+    """An entry as a raw XREAD reply holds it: its id, then its fields as a flat list."""
+    return [entry_id, [b"t", event_type, b"d", data]]
+
+
+async def test_deliver_appends_by_stream_advances_cursors_and_reports_lag() -> None:
+    """A reply goes to its streams' channels (not to closed or unknown ones), their cursors
+    in the next command advance, and one lag is reported per read."""
     open_, closed = loaded("a"), loaded("b")
+    roster = roster_of(open_, closed)
     closed.closed = True
     lags: list[float] = []
-    batch = [(keys.events("a").encode(), [(b"1-0", {b"t": b"delta", b"d": b'{"content":"x"}'})]),
-             (keys.events("b").encode(), [(b"1-1", {b"t": b"delta", b"d": b"{}"})]),
-             (b"tr:elsewhere", [(b"1-2", {b"t": b"delta", b"d": b"{}"})])]
-    deliver(batch, {keys.events("a"): open_, keys.events("b"): closed}, lags.append)
-    assert [e.id for e in open_.events] == ["1-0"] and open_.cursor == "1-0"
+    reply = [[keys.events("a").encode(), [entry(b"1-0", data=b'{"content":"x"}'),
+                                          entry(b"1-1")]],
+             [keys.events("b").encode(), [entry(b"1-2")]],
+             [b"tr:elsewhere", [entry(b"1-3")]]]
+    roster.deliver(reply, lags.append)
+    assert [e.id for e in open_.events] == ["1-0", "1-1"] and open_.cursor == "1-1"
+    assert open_.events[0].data == {"content": "x"}
     assert closed.events == []
     assert len(lags) == 1 and lags[0] > 1e6  # appended in 1970, by its id
+    command = roster.command()
+    assert b"\r\n$3\r\n1-1\r\n" in command and b"1-0" not in command
+    roster.sweep()
+    assert roster.channels == [open_]
+    assert roster.command().startswith(b"*10\r\n$5\r\nXREAD\r\n")  # one stream + the wake
+
+
+async def test_the_command_is_the_one_redis_py_would_pack() -> None:
+    """The packed command equals redis-py's packing of the same XREAD, after streams
+    come and go (a removed stream's place taken by the last)."""
+    channels = [loaded(f"g{n}") for n in range(4)]
+    roster = roster_of(*channels)
+    channels[1].closed = True
+    roster.sweep()
+    roster.deliver([[keys.events("g3").encode(), [entry(b"7-1")]]], None)
+    roster.put(keys.events("g9"), loaded("g9"))
+    named = {keys.events(ch.gen_id): ch.cursor for ch in roster.channels}
+    assert named == {keys.events("g0"): "0-0", keys.events("g2"): "0-0",
+                     keys.events("g3"): "7-1", keys.events("g9"): "0-0"}
+    streams = {**named, "tr:hub:test": "0-0"}
+    expected = Connection().pack_command(
+        "XREAD", "COUNT", READ_COUNT, "BLOCK", BLOCK_MS, "STREAMS", *streams, *streams.values())
+    assert roster.command() == b"".join(expected)
 
 
 async def test_a_malformed_entry_fails_its_stream_only() -> None:
-    """An entry that does not decode fails its own channel (viewers raise); others go on."""
+    """An entry that does not decode fails its own channel (viewers raise), which is no
+    longer read; the others go on."""
     bad, good = loaded("bad"), loaded("good")
-    batch = [(keys.events("bad"), [(b"1-0", {b"type": b"delta", b"data": b"{}"})]),
-             (keys.events("good"), [(b"1-1", {b"t": b"delta", b"d": b"{}"})])]
-    deliver(batch, {keys.events("bad"): bad, keys.events("good"): good}, None)
+    roster = roster_of(bad, good)
+    reply = [[keys.events("bad").encode(), [[b"1-0", [b"type", b"delta", b"data", b"{}"]]]],
+             [keys.events("good").encode(), [entry(b"1-1")]]]
+    roster.deliver(reply, None)
     assert isinstance(bad.failed, KeyError) and not bad.active
     assert [e.id for e in good.events] == ["1-1"] and good.active
+    assert roster.channels == [good]
+
+
+async def test_an_ended_stream_is_no_longer_read() -> None:
+    """A stream whose terminal event is delivered leaves the roster at once."""
+    ending, going_on = loaded("ending"), loaded("going_on")
+    roster = roster_of(ending, going_on)
+    roster.deliver([[keys.events("ending").encode(), [entry(b"1-0"), entry(b"1-1", b"done")]],
+                    [keys.events("going_on").encode(), [entry(b"1-2")]]], None)
+    assert ending.done and roster.channels == [going_on]
+    assert keys.events("ending").encode() not in roster.command()
 
 
 async def test_single_reader_reads_every_stream_and_a_new_one_wakes_its_read(
@@ -119,6 +172,31 @@ async def test_reader_resumes_from_its_cursors_after_losing_its_connection(
         written.append(await xadd(redis, "gen_kill", ev.DONE))
         await until(lambda: channel.done, "the stream's end after the reconnect")
         assert [e.id for e in channel.events] == written
+    finally:
+        await reader.stop()
+
+
+async def test_a_stream_rejoined_while_read_goes_to_its_new_channel_only(
+    redis_server: RedisServer, redis: Redis,
+) -> None:
+    """A channel closed during a read and a new one for the same stream (its tail loaded):
+    what comes next goes to the new channel, from its cursor, once; none to the old one."""
+    reader = SingleReader(Redis.from_url(redis_server.url), redis_server.url)
+    reader.start()
+    try:
+        old = loaded("gen_again")
+        await reader.add(old)
+        first = await xadd(redis, "gen_again")
+        await until(lambda: len(old.events) == 1, "the first event")
+        await until(lambda: blocked_in_xread(redis), "the reader to block")
+        old.closed = True  # its last viewer left; a new one joins and loads the tail
+        new = loaded("gen_again")
+        new.append(await redis.xrange(keys.events("gen_again")))
+        await reader.add(new)
+        written = [await xadd(redis, "gen_again"), await xadd(redis, "gen_again", ev.DONE)]
+        await until(lambda: new.done, "the new channel's end")
+        assert [e.id for e in new.events] == [first, *written]
+        assert [e.id for e in old.events] == [first]
     finally:
         await reader.stop()
 

@@ -28,9 +28,29 @@ def test_entry_to_sse_and_back_round_trips(sid: ev.StreamId, etype: str, data: d
     fields = ev.entry_fields(etype, data)
     decoded = ev.decode_entry(eid.encode(), {k.encode(): v.encode() for k, v in fields.items()})
     assert decoded == ev.Event(eid, etype, data)
+    flat = [part.encode() for pair in fields.items() for part in pair]  # a raw reply's form
+    assert ev.decode_entry(eid.encode(), flat) == decoded
     frame = ev.encode_event(decoded)
     assert frame == ev.encode_event(ev.Event(eid, etype, data))  # stored JSON = compact dumps
     assert ev.parse_sse(frame.decode()) == [decoded]
+
+
+@pytest.mark.parametrize("fields", [
+    [b"d", b'{"n":1}', b"t", b"delta"],  # another order
+    [b"t", b"delta", b"x", b"1", b"d", b'{"n":1}'],  # another field
+    ["t", "delta", "d", '{"n":1}'],  # text
+])
+def test_a_flat_entry_in_another_form_decodes_as_its_dict(fields: list[bytes | str]) -> None:
+    """Flat fields the fast path does not take (order, extra fields, text) decode all the same."""
+    assert ev.decode_entry(b"1-0", fields) == ev.Event("1-0", "delta", {"n": 1})
+
+
+@pytest.mark.parametrize("fields", [[b"t", b"delta", b"d"], [b"t", b"delta"]])
+def test_a_flat_entry_without_its_fields_raises(fields: list[bytes]) -> None:
+    """A flat entry with a name but no value, or no data, is malformed: ValueError or KeyError
+    (the hub fails that stream's channel on either)."""
+    with pytest.raises((ValueError, KeyError)):
+        ev.decode_entry(b"1-0", fields)
 
 
 def test_sse_frame_writes_the_stored_json_as_is() -> None:
