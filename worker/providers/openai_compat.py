@@ -31,7 +31,7 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -188,7 +188,7 @@ class OpenAICompatProvider:
         )
 
 
-def _body(response: _http.Response) -> AsyncIterator[bytes]:
+def _body(response: _http.Response) -> AsyncGenerator[bytes, None]:
     """The response's body as it arrives, decompressed only when the upstream (or a proxy on
     the way) compressed it: ``aiter_bytes`` costs one more generator and decoder per read."""
     if response.headers.get("content-encoding", "identity") == "identity":
