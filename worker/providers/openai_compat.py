@@ -89,7 +89,7 @@ class OpenAICompatProvider:
             # The SDK makes the request (retries, errors by status) and hands the response
             # back unread; its body is read here, each network read split into events at
             # once: the SDK's own stream took each chunk through five more generators and an
-            # object per line, and cost a third of the worker's CPU per token
+            # object per line: about a fifth of the worker's CPU per token
             # (docs/benchmarks.md, write path).
             response: _http.Response = await self._client.post(
                 "/chat/completions",
