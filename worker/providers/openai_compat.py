@@ -16,17 +16,26 @@ and only connection errors, timeouts, 408, 409, 429 and 5xx, waiting what Retry-
 says (up to the SDK's cap) or backing off: before the first token, so a retry cannot
 duplicate text, and a refused request (401, ...) is sent exactly once.
 
-Cancelling the consuming task closes the SDK's stream, and with it the HTTP
-connection, so the upstream stops generating (and billing).
+Reading: the SDK makes the request and hands back the response unread; the body is read
+here, in the sizes the network delivers, and split into events by ``EventData``. An error
+object inside a 200 stream (``{"error": ...}``) is an upstream_error, as a chunk that is
+not JSON is; after ``[DONE]`` the rest of the body is read for at most ``DRAIN_S``, so that
+HTTP/1.1 can reuse the connection. Cancelling the consuming task closes the response, and
+with it the HTTP connection, so the upstream stops generating (and billing).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import openai
 from openai import AsyncOpenAI
 
@@ -39,8 +48,9 @@ from tokenrelay.worker.providers.base import (
     ToolCallFragments,
     estimate_usage,
 )
+from tokenrelay.worker.providers.event_stream import EventData
 
-try:  # the SDK's HTTP client from openai 3 on; its errors surface while a stream is read
+try:  # the SDK's HTTP client from openai 3 on: its response is read here
     import httpx2 as _http
 except ImportError:  # pragma: no cover - openai 1.x and 2.x read with httpx
     import httpx as _http  # type: ignore[no-redef]
@@ -50,6 +60,12 @@ logger = logging.getLogger(__name__)
 MAX_RETRIES = 2  # the SDK's own default, said out loud: see the module docstring
 CONNECT_TIMEOUT_S = 10.0
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+DRAIN_S = 0.1  # after [DONE], how long the body's end may take to come (the SDK waits as long)
+# What reading a response's body raises when the connection fails: the SDK's own list
+# (ssl and anyio errors a TLS stream can let through unmapped, pydantic/httpx2#854).
+READ_ERRORS = (_http.RequestError, ssl.SSLError, anyio.EndOfStream)
+
+
 class OpenAICompatProvider:
     def __init__(self, base_url: str | None, api_key: str | None, timeout_s: float = 600.0):
         self._client = AsyncOpenAI(
@@ -70,16 +86,17 @@ class OpenAICompatProvider:
         if request.temperature is not None:
             params["temperature"] = request.temperature
         try:
-            # The SDK makes the request (retries, errors, SSE decoding) but hands each chunk
-            # over as the JSON object it is: building a ChatCompletionChunk model per chunk
-            # cost ~50 us, half the worker's CPU per token (docs/benchmarks.md, write path).
-            stream = await self._client.post(
+            # The SDK makes the request (retries, errors by status) and hands the response
+            # back unread; its body is read here, each network read split into events at
+            # once: the SDK's own stream took each chunk through five more generators and an
+            # object per line: about a fifth of the worker's CPU per token
+            # (docs/benchmarks.md, write path).
+            response: _http.Response = await self._client.post(
                 "/chat/completions",
                 body={"model": request.model, "messages": request.messages, "stream": True,
                       "stream_options": {"include_usage": True}, **params},
-                cast_to=object,
+                cast_to=_http.Response,
                 stream=True,
-                stream_cls=openai.AsyncStream[object],
             )
         except openai.APIError as exc:
             raise self._failure(exc) from exc
@@ -88,32 +105,55 @@ class OpenAICompatProvider:
         usage: dict[str, Any] | None = None
         produced = 0  # characters of output so far
         fragments = ToolCallFragments()
+        events = EventData()
+        done = False  # [DONE] seen
         try:
-            async with stream:
-                async for chunk in stream:
-                    if not isinstance(chunk, dict):
-                        continue
-                    if isinstance(chunk.get("usage"), dict):
-                        usage = {key: chunk["usage"][key] for key in USAGE_KEYS
-                                 if key in chunk["usage"]}
-                    for choice in chunk.get("choices") or ():
-                        if choice.get("finish_reason"):
-                            finish_reason = choice["finish_reason"]
-                        delta = _delta(choice.get("delta"), fragments)
-                        if delta is not None:
-                            produced += delta.size()
-                            yield delta
-        except (openai.APIConnectionError, _http.TransportError) as exc:
-            # The connection broke or went silent mid-stream (openai 3 wraps the transport's
-            # error in APIConnectionError; older SDKs let it through).
-            cause = exc.__cause__ or exc
-            raise self._cut_off(produced, f"{type(cause).__name__}: {cause}") from exc
-        except openai.APIError as exc:  # an error event inside a 200 stream
-            raise UpstreamError("the upstream reported an error mid-stream",
-                                detail=f"{self.base_url}: {exc}") from exc
+            async with contextlib.aclosing(_body(response)) as body:
+                async for raw in body:
+                    for data in events.feed(raw):
+                        if done := data.startswith(b"[DONE]"):
+                            break
+                        chunk = self._chunk(data)
+                        if not isinstance(chunk, dict):
+                            continue
+                        if isinstance(chunk.get("usage"), dict):
+                            usage = {key: chunk["usage"][key] for key in USAGE_KEYS
+                                     if key in chunk["usage"]}
+                        for choice in chunk.get("choices") or ():
+                            if choice.get("finish_reason"):
+                                finish_reason = choice["finish_reason"]
+                            delta = _delta(choice.get("delta"), fragments)
+                            if delta is not None:
+                                produced += delta.size()
+                                yield delta
+                    if done:
+                        await _drain(body)
+                        break
+        except READ_ERRORS as exc:  # the connection broke or went silent mid-stream
+            raise self._cut_off(produced, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            # Also when the consuming task is cancelled: closing an unfinished response
+            # closes its connection, and the upstream stops generating.
+            await response.aclose()
         if finish_reason is None:
             raise self._cut_off(produced, "the stream ended without a finish reason")
         yield Finish(finish_reason, usage or estimate_usage(request.messages, produced))
+
+    def _chunk(self, data: bytes) -> Any:
+        """One event's data as the JSON it holds; the error object an upstream sends
+        inside a 200 stream raises, as the SDK's stream did."""
+        try:
+            # Bytes that are not UTF-8 become U+FFFD, as lone surrogates do (``utf8_safe``).
+            chunk = json.loads(data.decode("utf-8", "replace"))
+        except ValueError as exc:
+            raise UpstreamError("the upstream sent a chunk that is not JSON",
+                                detail=f"{self.base_url}: {data[:200]!r}") from exc
+        if isinstance(chunk, dict) and chunk.get("error"):
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else None
+            raise UpstreamError("the upstream reported an error mid-stream",
+                                detail=f"{self.base_url}: {message or json.dumps(error)}")
+        return chunk
 
     def _failure(self, exc: openai.APIError) -> UpstreamError:
         """The error a failed request becomes: a generic message, the upstream's words logged."""
@@ -146,6 +186,24 @@ class OpenAICompatProvider:
             "(the prompt may not fit its context)",
             retryable=False, detail=detail,
         )
+
+
+def _body(response: _http.Response) -> AsyncGenerator[bytes, None]:
+    """The response's body as it arrives, decompressed only when the upstream (or a proxy on
+    the way) compressed it: ``aiter_bytes`` costs one more generator and decoder per read."""
+    if response.headers.get("content-encoding", "identity") == "identity":
+        return response.aiter_raw()
+    return response.aiter_bytes()
+
+
+async def _drain(body: AsyncIterator[bytes]) -> None:
+    """Read what follows ``[DONE]`` (the body's end, normally in the same read) for at most
+    ``DRAIN_S``: HTTP/1.1 reuses a connection only once its body has been read to the end,
+    and the answer is complete whatever comes, or fails to come, after it."""
+    with contextlib.suppress(TimeoutError, *READ_ERRORS):
+        async with asyncio.timeout(DRAIN_S):
+            async for _ in body:
+                pass
 
 
 def _body_text(exc: openai.APIStatusError) -> str:
