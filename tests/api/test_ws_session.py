@@ -15,7 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.api.server import Api, append, create, serve, until
-from tokenrelay.api.ws_transport import FramesWebSocketProtocol
+from tokenrelay.api.ws_transport import TakeoverProtocol
 from tokenrelay.cli.redis_server import RedisServer
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys
@@ -58,7 +58,7 @@ async def both(request: pytest.FixtureRequest, redis_server: RedisServer
     """The API under uvicorn's own websockets-sansio protocol (one websocket.send per
     message, compressed when the client asks), and under ``tokenrelay api``'s (pre-framed
     writes, no compression)."""
-    ws = "websockets-sansio" if request.param == "websocket.send" else FramesWebSocketProtocol
+    ws = "websockets-sansio" if request.param == "websocket.send" else TakeoverProtocol
     async with serve(redis_server, ws=ws, heartbeat_s=0.2, send_timeout_s=0.5) as running:
         yield running, request.param == "frames"
 
