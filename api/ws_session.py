@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 # A send that fails because the socket is gone (ClientDisconnected is an OSError; Starlette
 # raises RuntimeError after a close and WebSocketDisconnect when uvicorn says so).
 _GONE = (OSError, RuntimeError, WebSocketDisconnect)
-DRAIN_CLOSE = (1012, "server restarting; reconnect")
 
 
 class Wire(Protocol):
@@ -325,7 +324,7 @@ class Session:
         if conn.stalled:
             wire.drop()
         elif conn.draining:
-            wire.close(*DRAIN_CLOSE)
+            wire.close(*proto.DRAIN)
         elif conn.ping_due and not conn.disconnected:
             wire.ping()
 

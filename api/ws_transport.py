@@ -38,7 +38,7 @@ from websockets.http11 import Request
 
 from tokenrelay.api.protocol import reset
 from tokenrelay.api.sse import Connection
-from tokenrelay.api.ws_protocol import PING, text_frame
+from tokenrelay.api.ws_protocol import DRAIN, PING, text_frame
 
 try:  # websockets' C unmasking, as its own parser uses
     from websockets.speedups import apply_mask
@@ -93,8 +93,8 @@ class TakeoverProtocol(WebSocketsSansIOProtocol):
         held, self._held = self._held, None
         if message["type"] != TAKEOVER:
             await super().send(message)
-            if held and not self.close_sent and not self.disconnected:
-                super().data_received(bytes(held))
+            if held and message["type"] == "websocket.accept" and not self.disconnected:
+                super().data_received(bytes(held))  # (a refused socket's are dropped)
             return
         await super().send({"type": "websocket.accept"})  # the 101; starts uvicorn's keepalive
         if self.disconnected or self.transport.is_closing():
@@ -212,7 +212,7 @@ class WebSocketConnection(asyncio.Protocol):
     def shutdown(self) -> None:
         """uvicorn's shutdown (after the app's drain): close whatever is still open."""
         if not self._close_sent and not self._gone:
-            self._send_close(1012, "server restarting; reconnect")
+            self._send_close(*DRAIN)
         self.transport.close()
         self._end()
 
