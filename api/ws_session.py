@@ -17,9 +17,8 @@ it has been idle ``HEARTBEAT_S``, and is dropped when a send makes no progress f
 ``SEND_TIMEOUT_S``.
 
 The socket itself is a :class:`Wire`: under ``tokenrelay api`` the connection the session
-took over (api.ws_transport: callbacks, pre-framed writes, no task while idle); under any
-other server :class:`AsgiSocket`, uvicorn's (or another server's) ASGI WebSocket, read by
-the app's own task (:func:`run_asgi`).
+took over (api.ws_connection: callbacks, pre-framed writes, no task while idle); under any
+other server the ASGI WebSocket, read by the app's own task (api.ws_asgi).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketDisconnect
 
 from tokenrelay.api import generations, threads
 from tokenrelay.api import ws_protocol as proto
@@ -48,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 # A send that fails because the socket is gone (ClientDisconnected is an OSError; Starlette
 # raises RuntimeError after a close and WebSocketDisconnect when uvicorn says so).
-_GONE = (OSError, RuntimeError, WebSocketDisconnect)
+GONE = (OSError, RuntimeError, WebSocketDisconnect)
 
 
 class Wire(Protocol):
@@ -59,7 +58,7 @@ class Wire(Protocol):
         """Whether it takes pre-framed batches (``send_frames``), else message texts."""
 
     async def send_texts(self, texts: Sequence[str]) -> None:
-        """Send messages in order; raises an OSError (or a _GONE error) if the socket is gone."""
+        """Send messages in order; raises an OSError (or a GONE error) if the socket is gone."""
 
     async def send_frames(self, frames: bytes) -> None:
         """Write whole frames (only if ``frames``)."""
@@ -126,7 +125,7 @@ class Session:
 
     async def handle(self, raw: str | None) -> None:
         """One client message: what it asks is done, or an ``error`` message says why not.
-        Raises (a _GONE error) only if the socket is gone."""
+        Raises (a GONE error) only if the socket is gone."""
         try:
             parsed = proto.parse(raw, self.state.settings.max_body_bytes)
         except proto.MessageError as exc:
@@ -140,7 +139,7 @@ class Session:
             logger.warning("websocket: redis unavailable: %s", exc)
             await self.send(proto.error("redis_unavailable", "storage is unavailable",
                                         parsed.ref))
-        except _GONE:
+        except GONE:
             raise
         except Exception:  # a bug: said as an error message; the socket stays open
             logger.exception("websocket: %s failed", type(parsed).__name__)
@@ -275,11 +274,11 @@ class Session:
                     await wire.send_frames(batch)
                 else:
                     await wire.send_texts(batch)
-        except _GONE:
+        except GONE:
             return  # the socket is gone: its end releases everything
         except (RedisError, KeyError, ValueError) as exc:  # the stream could not be read
             logger.warning("websocket: generation_id=%s failed: %s", sub.gen_id, exc)
-            with contextlib.suppress(*_GONE):
+            with contextlib.suppress(*GONE):
                 await self.send(proto.error("redis_unavailable", "storage is unavailable; "
                                             "subscribe again with after", None,
                                             generation_id=sub.gen_id))
@@ -333,82 +332,3 @@ def _too_many(state: AppState) -> TokenRelayError:
     limit = state.settings.ws_max_subscriptions
     return TooManyRequests(f"at most {limit} subscriptions per socket; unsubscribe first",
                            code="too_many_subscriptions")
-
-
-class AsgiSocket:
-    """The :class:`Wire` of a socket served through ASGI (a server without
-    api.ws_transport): one ``websocket.send`` per message, under a lock so that the
-    messages of concurrent senders do not interleave, each timed for the ticker."""
-
-    frames = False
-
-    def __init__(self, websocket: WebSocket, conn: Connection):
-        self.ws = websocket
-        self.conn = conn
-        self.lock = asyncio.Lock()
-        self._side: asyncio.Task[None] | None = None  # a ping or the drain close
-
-    async def send_texts(self, texts: Sequence[str]) -> None:
-        conn, ws = self.conn, self.ws
-        async with self.lock:
-            for text in texts:
-                conn.send_started = now = conn.loop.time()
-                await ws.send({"type": "websocket.send", "text": text})
-                conn.send_started = 0.0
-                conn.last_write = now
-            conn.ping_due = False
-
-    async def send_frames(self, frames: bytes) -> None:
-        raise NotImplementedError("an ASGI socket takes message texts")
-
-    def ping(self) -> None:
-        self._aside(self.send_texts((proto.PING,)))
-
-    def close(self, code: int, reason: str) -> None:
-        self._aside(self._close(code, reason))
-
-    def drop(self) -> None:
-        """Nothing more to do here: the ticker cancelled the socket's task (run_asgi), and
-        the server closes the socket when it ends."""
-
-    def _aside(self, work: Any) -> None:
-        side = self._side
-        if side is not None and not side.done():
-            work.close()  # one at a time; the next heartbeat tries again
-            return
-        self._side = self.conn.loop.create_task(self._quietly(work))
-
-    async def _quietly(self, work: Any) -> None:
-        with contextlib.suppress(*_GONE):
-            await work
-
-    async def _close(self, code: int, reason: str) -> None:
-        async with self.lock:
-            await self.ws.close(code, reason)
-
-    def cancel(self) -> None:
-        if self._side is not None:
-            self._side.cancel()
-
-
-async def run_asgi(session: Session, websocket: WebSocket) -> None:
-    """Serve an accepted ASGI socket in the app's task: read its messages until it goes."""
-    wire = AsgiSocket(websocket, session.conn)
-    session.opened(wire)
-    try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            await session.handle(message.get("text"))
-    except _GONE:
-        return  # a reply found the socket closed
-    except asyncio.CancelledError:
-        # Our ticker's cancel (a stalled socket): end quietly; any other propagates.
-        task = session.conn.task
-        if not session.conn.stalled or task is None:
-            raise
-        task.uncancel()
-    finally:
-        wire.cancel()
-        await session.end()

@@ -19,7 +19,8 @@ from starlette.websockets import WebSocket
 
 from tokenrelay.api.deps import AppState, bearer_tenant
 from tokenrelay.api.errors import Failure, native_shape
-from tokenrelay.api.ws_session import Session, run_asgi
+from tokenrelay.api.ws_asgi import run_asgi
+from tokenrelay.api.ws_session import Session
 from tokenrelay.api.ws_transport import TAKEOVER
 
 PATH = "/v1/ws"

@@ -1,4 +1,4 @@
-"""A taken-over socket (api.ws_transport.WebSocketConnection): RFC 6455 client frames in,
+"""A taken-over socket (api.ws_connection.WebSocketConnection): RFC 6455 client frames in,
 the closing handshake, keepalive and backpressure, against a fake transport; and in a real
 server, the handshake handed over and a peer that answers no ping."""
 
@@ -16,7 +16,8 @@ from websockets.utils import apply_mask
 
 from tests.api.server import Api, serve, until
 from tokenrelay.api.sse import Connection
-from tokenrelay.api.ws_transport import TakeoverProtocol, WebSocketConnection
+from tokenrelay.api.ws_connection import WebSocketConnection
+from tokenrelay.api.ws_transport import TakeoverProtocol
 from tokenrelay.cli.redis_server import RedisServer
 
 MASK = b"\x9a\x01\xff\x37"
