@@ -101,7 +101,7 @@ class SocketConnection(Connection):
 class Session:
     """One accepted socket, from its first message to its close.
 
-    ``task``: the task that reads the socket (:func:`run_asgi`'s), which the ticker cancels
+    ``task``: the task that reads the socket (api.ws_asgi.run_asgi), which the ticker cancels
     when a send stalls; None for a taken-over socket, which reads by callbacks.
     """
 
