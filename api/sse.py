@@ -140,6 +140,7 @@ class Connections:
                                    "progress for %.1fs", conn.label, now - conn.send_started)
                     if conn.task is not None:
                         conn.task.cancel()
+                    conn.wake()  # and one without a task of its own (a taken-over WebSocket)
             elif now - conn.last_write >= self.heartbeat_s and not conn.ping_due:
                 conn.ping_due = True
                 conn.wake()

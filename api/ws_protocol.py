@@ -275,6 +275,9 @@ def error(code: str, message: str, ref: Ref = None, **fields: Any) -> str:
 
 
 PING = '{"type":"ping"}'
+# The close of every socket when the process shuts down (SIGTERM): reconnect elsewhere,
+# and resume with ``after``.
+DRAIN = (1012, "server restarting; reconnect")
 
 
 def text_frame(payload: bytes) -> bytes:

@@ -1,10 +1,10 @@
 """One ``/v1/ws`` socket: its subscriptions, fed by the hub, and the client's messages.
 
-    receive loop (the socket's task) ─ parse ─▶ subscribe / create / cancel / auth ─▶ reply
+    client messages (in order) ─ handle ─ parse ─▶ subscribe / create / cancel / auth ─▶ reply
     subscription task (one each) ─ Viewer.next ─▶ a batch of event frames ─┐
-    ticker (api.sse.Connections) ─ idle ─▶ ping; send > timeout ─▶ cancel the socket
+    ticker (api.sse.Connections) ─ idle ─▶ ping; send > timeout ─▶ drop the socket
                                                                             ▼
-                          send lock ─▶ one write per batch (or websocket.send per message)
+                                            the socket's Wire ─▶ one write per batch
 
 A subscription is a :class:`~tokenrelay.api.channel.Viewer` of its generation's
 channel with a WebSocket view (api.ws_views): each event's message is made and framed
@@ -15,6 +15,10 @@ socket's transport is over its high-water mark: what a slow socket holds is boun
 The socket is one connection of the process's ticker: it gets a ``ping`` message when
 it has been idle ``HEARTBEAT_S``, and is dropped when a send makes no progress for
 ``SEND_TIMEOUT_S``.
+
+The socket itself is a :class:`Wire`: under ``tokenrelay api`` the connection the session
+took over (api.ws_connection: callbacks, pre-framed writes, no task while idle); under any
+other server the ASGI WebSocket, read by the app's own task (api.ws_asgi).
 """
 
 from __future__ import annotations
@@ -24,11 +28,10 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from redis.exceptions import RedisError
-from starlette.types import Send
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketDisconnect
 
 from tokenrelay.api import generations, threads
 from tokenrelay.api import ws_protocol as proto
@@ -36,7 +39,6 @@ from tokenrelay.api.channel import View, Viewer
 from tokenrelay.api.deps import DEFAULT_TENANT, AppState, Principal
 from tokenrelay.api.schemas import GenerationCreate
 from tokenrelay.api.sse import Connection
-from tokenrelay.api.ws_transport import ABORT, FRAMES
 from tokenrelay.api.ws_views import WS, WS_FRAMES
 from tokenrelay.shared import events as ev
 from tokenrelay.shared.errors import NotFound, TokenRelayError, TooManyRequests, Unauthorized
@@ -45,10 +47,33 @@ logger = logging.getLogger(__name__)
 
 # A send that fails because the socket is gone (ClientDisconnected is an OSError; Starlette
 # raises RuntimeError after a close and WebSocketDisconnect when uvicorn says so).
-_GONE = (OSError, RuntimeError, WebSocketDisconnect)
+GONE = (OSError, RuntimeError, WebSocketDisconnect)
 
 
-@dataclass(eq=False)
+class Wire(Protocol):
+    """How a session writes to its socket."""
+
+    @property
+    def frames(self) -> bool:
+        """Whether it takes pre-framed batches (``send_frames``), else message texts."""
+
+    async def send_texts(self, texts: Sequence[str]) -> None:
+        """Send messages in order; raises an OSError (or a GONE error) if the socket is gone."""
+
+    async def send_frames(self, frames: bytes) -> None:
+        """Write whole frames (only if ``frames``)."""
+
+    def ping(self) -> None:
+        """The heartbeat: a ``ping`` message (the ticker found the socket idle)."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the socket with ``code``; the session ends."""
+
+    def drop(self) -> None:
+        """The peer stopped reading: let go of it at once."""
+
+
+@dataclass(eq=False, slots=True)
 class Subscription:
     gen_id: str
     thread_id: str | None
@@ -58,8 +83,8 @@ class Subscription:
 
 
 class SocketConnection(Connection):
-    """The socket as the process's ticker sees it: told when a ping is due or the process
-    drains (SIGTERM)."""
+    """The socket as the process's ticker sees it: told when a ping is due, the socket
+    stalled or the process drains (SIGTERM)."""
 
     __slots__ = ("on_wake",)
 
@@ -74,66 +99,51 @@ class SocketConnection(Connection):
 
 
 class Session:
-    """One accepted socket, from its first message to its close."""
+    """One accepted socket, from its first message to its close.
 
-    def __init__(self, state: AppState, websocket: WebSocket, tenant: str | None,
-                 grants: set[str], send_frames: Send | None = None):
+    ``task``: the task that reads the socket (api.ws_asgi.run_asgi), which the ticker cancels
+    when a send stalls; None for a taken-over socket, which reads by callbacks.
+    """
+
+    __slots__ = ("state", "wire", "tenant", "grants", "subs", "loop", "conn", "ended")
+
+    def __init__(self, state: AppState, tenant: str | None, grants: set[str] | None,
+                 task: asyncio.Task[Any] | None):
         self.state = state
-        self.ws = websocket
-        # The server's pre-framed writes (api.ws_transport), when it offers them.
-        self.send_frames = send_frames
+        self.wire: Wire | None = None
         self.tenant = tenant  # who creates and cancels (None: not authenticated yet)
         self.grants = grants  # generation and thread ids stream tokens gave this socket
         self.subs: dict[str, Subscription] = {}
-        self.lock = asyncio.Lock()
         loop = asyncio.get_running_loop()
         self.loop = loop
-        self.conn = SocketConnection(loop, asyncio.current_task(), loop.time(), self._woken)
-        self._side: asyncio.Task[None] | None = None  # a ping or the drain close
+        self.conn = SocketConnection(loop, task, loop.time(), self._woken)
+        self.ended = False
 
-    async def run(self) -> None:
-        connections = self.state.hub.connections
-        connections.open.add(self.conn)
+    def opened(self, wire: Wire) -> None:
+        self.wire = wire
+        self.state.hub.connections.open.add(self.conn)
+
+    async def handle(self, raw: str | None) -> None:
+        """One client message: what it asks is done, or an ``error`` message says why not.
+        Raises (a GONE error) only if the socket is gone."""
         try:
-            await self._receive_loop()
-        except _GONE:
-            return  # a reply found the socket closed
-        except asyncio.CancelledError:
-            # Our ticker's cancel (a stalled socket): end quietly; any other propagates.
-            task = self.conn.task
-            if not self.conn.stalled or task is None:
-                raise
-            task.uncancel()
-            if self.send_frames is not None:  # reset, rather than wait for the peer forever
-                await self.send_frames({"type": ABORT})
-        finally:
-            connections.open.discard(self.conn)
-            await self._end_all()
-
-    async def _receive_loop(self) -> None:
-        max_bytes = self.state.settings.max_body_bytes
-        while True:
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            try:
-                parsed = proto.parse(message.get("text"), max_bytes)
-            except proto.MessageError as exc:
-                await self.send(proto.error(exc.code, exc.message, exc.ref))
-                continue
-            try:
-                await self._handle(parsed)
-            except TokenRelayError as exc:
-                await self.send(proto.error(exc.code, exc.message, parsed.ref))
-            except RedisError as exc:
-                logger.warning("websocket: redis unavailable: %s", exc)
-                await self.send(proto.error("redis_unavailable", "storage is unavailable",
-                                            parsed.ref))
-            except _GONE:
-                raise
-            except Exception:  # a bug: said as an error message; the socket stays open
-                logger.exception("websocket: %s failed", type(parsed).__name__)
-                await self.send(proto.error("internal_error", "internal error", parsed.ref))
+            parsed = proto.parse(raw, self.state.settings.max_body_bytes)
+        except proto.MessageError as exc:
+            await self.send(proto.error(exc.code, exc.message, exc.ref))
+            return
+        try:
+            await self._handle(parsed)
+        except TokenRelayError as exc:
+            await self.send(proto.error(exc.code, exc.message, parsed.ref))
+        except RedisError as exc:
+            logger.warning("websocket: redis unavailable: %s", exc)
+            await self.send(proto.error("redis_unavailable", "storage is unavailable",
+                                        parsed.ref))
+        except GONE:
+            raise
+        except Exception:  # a bug: said as an error message; the socket stays open
+            logger.exception("websocket: %s failed", type(parsed).__name__)
+            await self.send(proto.error("internal_error", "internal error", parsed.ref))
 
     async def _handle(self, msg: proto.ClientMessage) -> None:
         if isinstance(msg, proto.Subscribe):
@@ -161,7 +171,7 @@ class Session:
 
     def _reader(self, some_id: str) -> Principal:
         """Who reads ``some_id`` (a generation or a thread): a token's grant or the tenant."""
-        if some_id in self.grants:
+        if self.grants and some_id in self.grants:
             return Principal(None, some_id)
         if self.tenant is None:
             raise Unauthorized("authenticate first: an auth message with an api_key or token")
@@ -172,7 +182,7 @@ class Session:
             granted = self.state.tokens.verify(msg.token)
             if granted is None:
                 raise Unauthorized("invalid or expired stream token")
-            self.grants.add(granted)
+            self.grants = {*(self.grants or ()), granted}
             await self.send(proto.reply("authenticated", msg.ref, scope=granted))
             return
         keys = self.state.tenants_by_key
@@ -210,7 +220,7 @@ class Session:
             if who is not None and not who.may_read(gen_id, channel.owner):
                 raise NotFound("no such generation")
             conn = Connection(self.loop, None, self.loop.time(), gen_id)
-            view: View[Any] = WS if self.send_frames is None else WS_FRAMES
+            view: View[Any] = WS_FRAMES if self._wire().frames else WS
             sub = Subscription(gen_id, thread_id, Viewer(hub, gen_id, after, view, channel),
                                conn)
             self.subs[gen_id] = sub
@@ -255,20 +265,20 @@ class Session:
 
     async def _pump(self, sub: Subscription) -> None:
         """Send the subscription's events until its terminal one (then it ends by itself)."""
-        viewer = sub.viewer
+        viewer, wire = sub.viewer, self._wire()
         try:
             while (batch := await viewer.next(sub.conn)) is not None:
                 if not batch:
                     continue
                 if isinstance(batch, bytes):
-                    await self.write_frames(batch)
+                    await wire.send_frames(batch)
                 else:
-                    await self.send_many(batch)
-        except _GONE:
-            return  # the socket is gone: the receive loop ends everything
+                    await wire.send_texts(batch)
+        except GONE:
+            return  # the socket is gone: its end releases everything
         except (RedisError, KeyError, ValueError) as exc:  # the stream could not be read
             logger.warning("websocket: generation_id=%s failed: %s", sub.gen_id, exc)
-            with contextlib.suppress(*_GONE):
+            with contextlib.suppress(*GONE):
                 await self.send(proto.error("redis_unavailable", "storage is unavailable; "
                                             "subscribe again with after", None,
                                             generation_id=sub.gen_id))
@@ -285,65 +295,37 @@ class Session:
                 await task
         await sub.viewer.aclose()
 
-    async def _end_all(self) -> None:
+    async def end(self) -> None:
+        """The socket is gone or closing: every subscription leaves the hub (called once)."""
+        self.ended = True
+        self.state.hub.connections.open.discard(self.conn)
         subs, self.subs = list(self.subs.values()), {}
         for sub in subs:
             if sub.task is not None:
                 sub.task.cancel()
         for sub in subs:
-            if sub.task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sub.task
-            await sub.viewer.aclose()
-        if self._side is not None:
-            self._side.cancel()
+            await self._end(sub)
 
     # --- sending -----------------------------------------------------------------------
 
+    def _wire(self) -> Wire:
+        assert self.wire is not None, "the session is not open"
+        return self.wire
+
     async def send(self, text: str) -> None:
-        await self.send_many((text,))
-
-    async def send_many(self, texts: Sequence[str]) -> None:
-        """Send messages in order, one sender at a time; flagged for the ticker, which
-        drops the socket when a send makes no progress for SEND_TIMEOUT_S."""
-        conn, ws = self.conn, self.ws
-        async with self.lock:
-            for text in texts:
-                conn.send_started = now = self.loop.time()
-                await ws.send({"type": "websocket.send", "text": text})
-                conn.send_started = 0.0
-                conn.last_write = now
-            conn.ping_due = False
-
-    async def write_frames(self, frames: bytes) -> None:
-        """Write pre-framed messages in one write (api.ws_transport), timed as send_many."""
-        conn, send = self.conn, self.send_frames
-        assert send is not None
-        async with self.lock:
-            conn.send_started = now = self.loop.time()
-            await send({"type": FRAMES, "frames": frames})
-            conn.send_started = 0.0
-            conn.last_write = now
-            conn.ping_due = False
+        await self._wire().send_texts((text,))
 
     def _woken(self) -> None:
-        """The ticker's news: a ping is due, or the process is leaving."""
-        conn = self.conn
-        if conn.closing or (self._side is not None and not self._side.done()):
+        """The ticker's news: a ping is due, the socket stalled, or the process is leaving."""
+        conn, wire = self.conn, self.wire
+        if wire is None or self.ended:
             return
-        if conn.draining:
-            self._side = asyncio.create_task(self._close(1012, "server restarting; reconnect"))
-        elif conn.ping_due:
-            self._side = asyncio.create_task(self._ping())
-
-    async def _ping(self) -> None:
-        with contextlib.suppress(*_GONE):
-            await self.send(proto.PING)
-
-    async def _close(self, code: int, reason: str) -> None:
-        with contextlib.suppress(*_GONE):
-            async with self.lock:
-                await self.ws.close(code, reason)
+        if conn.stalled:
+            wire.drop()
+        elif conn.draining:
+            wire.close(*proto.DRAIN)
+        elif conn.ping_due and not conn.disconnected:
+            wire.ping()
 
 
 def _too_many(state: AppState) -> TokenRelayError:

@@ -48,16 +48,17 @@ def cmd_api(args: argparse.Namespace) -> int:
         return 1
     _logging(settings)
     from tokenrelay.api.protocol import KEEP_ALIVE_S, GuardedHttpToolsProtocol
-    from tokenrelay.api.ws_transport import FramesWebSocketProtocol
+    from tokenrelay.api.ws_transport import TakeoverProtocol
 
     uvicorn.run(
         "tokenrelay.api.app:create_app",
         factory=True,
         http=GuardedHttpToolsProtocol,  # bounds on request heads and slow requests
-        # /v1/ws: uvicorn's websockets-sansio protocol (write backpressure from 0.52.1) with
-        # pre-framed writes, and no per-message compression: deflating is work per socket
-        # and per message, where the hub frames each message once per process.
-        ws=FramesWebSocketProtocol,
+        # /v1/ws: uvicorn's websockets-sansio protocol for the handshake, then the socket
+        # taken over (a few KiB per idle socket instead of ~22, pre-framed writes), and no
+        # per-message compression: deflating is work per socket and per message, where the
+        # hub frames each message once per process.
+        ws=TakeoverProtocol,
         ws_per_message_deflate=False,
         timeout_keep_alive=KEEP_ALIVE_S,
         host=args.host,

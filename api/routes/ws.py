@@ -10,6 +10,7 @@ A socket without credentials is accepted: it authenticates with an ``auth`` mess
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import urlsplit
 
 from starlette.responses import JSONResponse
@@ -18,8 +19,9 @@ from starlette.websockets import WebSocket
 
 from tokenrelay.api.deps import AppState, bearer_tenant
 from tokenrelay.api.errors import Failure, native_shape
+from tokenrelay.api.ws_asgi import run_asgi
 from tokenrelay.api.ws_session import Session
-from tokenrelay.api.ws_transport import FRAMES
+from tokenrelay.api.ws_transport import TAKEOVER
 
 PATH = "/v1/ws"
 
@@ -28,8 +30,8 @@ class WebSocketDoor:
     """ASGI middleware that serves the ``/v1/ws`` WebSocket below the router.
 
     As for SSE viewers (api.fastpath): a socket lives for minutes and every layer above
-    it stays suspended as long. From here the session also keeps the server's own
-    ``send``, for the pre-framed writes of api.ws_transport (the router wraps it).
+    it stays suspended as long, unless the server takes the socket over
+    (api.ws_transport), when the app's task ends at the accept.
     """
 
     def __init__(self, app: ASGIApp):
@@ -45,12 +47,12 @@ class WebSocketDoor:
             response = JSONResponse(body, status_code=426, headers={"Upgrade": "websocket"})
             await response(scope, receive, send)
             return
-        await serve(WebSocket(scope, receive, send),
-                    send if FRAMES in scope.get("extensions", {}) else None)
+        await serve(WebSocket(scope, receive, send), send)
 
 
-async def serve(websocket: WebSocket, send_frames: Send | None) -> None:
-    """Check the handshake; accept, and run the socket's session to its end."""
+async def serve(websocket: WebSocket, send: Send) -> None:
+    """Check the handshake; accept, and hand the socket to its session: taken over by the
+    server when it can (the session then runs on its callbacks), else read here to its end."""
     state: AppState = websocket.app.state.tr
     refusal = _refusal(state, websocket)
     if refusal is not None:
@@ -61,13 +63,16 @@ async def serve(websocket: WebSocket, send_frames: Send | None) -> None:
         return
     tenant = bearer_tenant(websocket, state)
     token = websocket.query_params.get("token")
-    grants = set()
+    grants = None
     if token:
         granted = state.tokens.verify(token)
         assert granted is not None  # checked by _refusal
-        grants.add(granted)
+        grants = {granted}
+    if TAKEOVER in websocket.scope.get("extensions", {}):
+        await send({"type": TAKEOVER, "handler": Session(state, tenant, grants, None)})
+        return
     await websocket.accept()
-    await Session(state, websocket, tenant, grants, send_frames).run()
+    await run_asgi(Session(state, tenant, grants, asyncio.current_task()), websocket)
 
 
 def _refusal(state: AppState, websocket: WebSocket) -> Failure | None:

@@ -1,5 +1,6 @@
-"""A /v1/ws socket (api.ws_session) in a real server: pings, a stalled socket cut by the send
-timeout, disconnects and draining that release everything."""
+"""A /v1/ws socket (api.ws_session) in a real server, under uvicorn's own WebSocket protocol
+and under ``tokenrelay api``'s (the socket taken over): pings, a stalled socket cut by the
+send timeout, disconnects and draining that release everything."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.api.server import Api, append, create, serve, until
-from tokenrelay.api.ws_transport import FramesWebSocketProtocol
+from tokenrelay.api.ws_transport import TakeoverProtocol
 from tokenrelay.cli.redis_server import RedisServer
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys
@@ -42,25 +43,26 @@ async def events(ws: ClientConnection, until_type: str = ev.DONE) -> list[dict[s
     return out
 
 
-async def test_idle_socket_gets_ping_messages(api: Api) -> None:
-    """While nothing happens, a subscribed socket receives `ping` messages (heartbeat 0.2 s)."""
-    gen_id = await create(api)
-    async with connect(url(api)) as ws:
-        await subscribe(ws, gen_id)
-        assert json.loads(await ws.recv())["event"] == "status"
-        for _ in range(3):
-            assert json.loads(await asyncio.wait_for(ws.recv(), 5)) == {"type": "ping"}
-
-
 @pytest.fixture(params=["websocket.send", "frames"])
 async def both(request: pytest.FixtureRequest, redis_server: RedisServer
                ) -> AsyncIterator[tuple[Api, bool]]:
     """The API under uvicorn's own websockets-sansio protocol (one websocket.send per
     message, compressed when the client asks), and under ``tokenrelay api``'s (pre-framed
     writes, no compression)."""
-    ws = "websockets-sansio" if request.param == "websocket.send" else FramesWebSocketProtocol
+    ws = "websockets-sansio" if request.param == "websocket.send" else TakeoverProtocol
     async with serve(redis_server, ws=ws, heartbeat_s=0.2, send_timeout_s=0.5) as running:
         yield running, request.param == "frames"
+
+
+async def test_idle_socket_gets_ping_messages(both: tuple[Api, bool]) -> None:
+    """While nothing happens, a subscribed socket receives `ping` messages (heartbeat 0.2 s)."""
+    api, _ = both
+    gen_id = await create(api)
+    async with connect(url(api)) as ws:
+        await subscribe(ws, gen_id)
+        assert json.loads(await ws.recv())["event"] == "status"
+        for _ in range(3):
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5)) == {"type": "ping"}
 
 
 async def test_stalled_socket_is_cut_and_the_others_get_everything(
@@ -121,9 +123,10 @@ async def test_disconnect_and_unsubscribe_release_the_hub(both: tuple[Api, bool]
     assert not api.hub.channels
 
 
-async def test_draining_closes_sockets_with_1012(api: Api) -> None:
+async def test_draining_closes_sockets_with_1012(both: tuple[Api, bool]) -> None:
     """On SIGTERM (the hub drains) a socket is closed with 1012, so the client reconnects
-    elsewhere and resumes with `after`."""
+    elsewhere and resumes with `after`; it leaves the hub."""
+    api, _ = both
     gen_id = await create(api)
     async with connect(url(api)) as ws:
         await subscribe(ws, gen_id)
@@ -133,3 +136,5 @@ async def test_draining_closes_sockets_with_1012(api: Api) -> None:
                 await asyncio.wait_for(ws.recv(), 5)
         except ConnectionClosed as closed:
             assert closed.rcvd is not None and closed.rcvd.code == 1012
+    await until(lambda: api.hub.viewer_count == 0 and len(api.hub.connections) == 0,
+                "the socket's registrations to go")
