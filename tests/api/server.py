@@ -28,7 +28,6 @@ from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys
 from tokenrelay.shared.settings import Settings
 
-
 # uvicorn's own HTTP protocol (SSE through ASGI throughout), and ``tokenrelay api``'s (SSE
 # streams take their connection over after their head).
 HTTP_PROTOCOLS: dict[str, Any] = {"uvicorn": "auto", "tokenrelay api": GuardedHttpToolsProtocol}
