@@ -402,7 +402,8 @@ class DirectStream(Connection):
             return False
         if not chunk:
             if not self.ping_due:
-                return False  # parked: the next append wakes it
+                # Parked (the next append wakes it), or events without frames: go on.
+                return not self.parked
             chunk = PING
         self.ping_due = False
         assert self.line is not None
@@ -420,8 +421,8 @@ class DirectStream(Connection):
         self.task = None
         if self.ended:
             return
-        if self._deliver(chunk) or chunk == b"":
-            self.pump()  # go on, or park
+        if self._deliver(chunk):
+            self.pump()
 
     def _write_last(self, chunk: bytes) -> None:
         assert self.line is not None
