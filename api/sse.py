@@ -14,6 +14,12 @@ connections (:class:`Connections`), so no timer is armed per event.
                                None (terminal sent) ─▶ last send, done
     watcher:    receive() ─▶ http.disconnect ─▶ conn.disconnected, wake
     ticker:     idle ≥ heartbeat ─▶ ping due, wake;  send > timeout ─▶ cancel task
+
+Under ``tokenrelay api`` (whose HTTP protocol offers ``TAKE_OVER``) the ASGI task
+ends after the retry line: the stream becomes a :class:`DirectStream`, which the
+channel's notify, the ticker and the protocol call, and which writes chunked
+frames to the transport itself. An idle viewer then holds no task and no
+suspended middleware frame, and a write is one call from the channel's loop.
 """
 
 from __future__ import annotations
