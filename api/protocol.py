@@ -100,7 +100,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_clock()
-        owner, self._owner = self._owner, None
+        owner, self._owner, self._taken = self._owner, None, None
         super().connection_lost(exc)
         if owner is not None:
             owner.connection_lost()

@@ -151,6 +151,11 @@ class Connections:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+            # Streams still open when the server stops (past its graceful timeout): uvicorn
+            # cancels the ASGI ones' tasks, which closes their connections; close the others.
+            for conn in list(self.open):
+                if isinstance(conn, DirectStream):
+                    conn.close()
             gc.unfreeze()
             gc.set_threshold(*self._gc_before)
 
@@ -459,11 +464,15 @@ class DirectStream(Connection):
             self.line.reset()
         self._end()
 
-    def _fail(self, exc: Exception) -> None:
-        logger.error("event stream failed generation_id=%s", self.label, exc_info=exc)
+    def close(self) -> None:
+        """Close the connection mid-stream (the stream cannot go on, or the server stops)."""
         if self.line is not None:
             self.line.transport.close()
         self._end()
+
+    def _fail(self, exc: Exception) -> None:
+        logger.error("event stream failed generation_id=%s", self.label, exc_info=exc)
+        self.close()
 
     def _end(self) -> None:
         """Leave: no more writes; the source's registration goes in a task of its own."""

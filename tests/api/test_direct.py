@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.api.server import Api, RawViewer, append, create, until
+from tests.api.server import HTTP_PROTOCOLS, Api, RawViewer, append, create, serve, until
 from tokenrelay.api.sse import DRAIN, DirectStream
+from tokenrelay.cli.redis_server import RedisServer
 from tokenrelay.shared import events as ev
 
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -125,3 +126,19 @@ async def test_drain_ends_taken_over_streams_with_the_hint(direct_api: Api) -> N
         viewer.close()
     await until(lambda: api.hub.viewer_count == 0 and len(api.hub.connections) == 0,
                 "the drained viewers to leave")
+
+
+async def test_a_stream_still_open_when_the_server_stops_is_closed(
+    redis_server: RedisServer,
+) -> None:
+    """Past uvicorn's graceful timeout (no drain: not a signal), a taken-over stream has no
+    task for uvicorn to cancel; the hub's stop closes its connection instead."""
+    async with serve(redis_server, http=HTTP_PROTOCOLS["tokenrelay api"]) as api:
+        gen_id = await create(api)
+        viewer = await RawViewer.open(api, gen_id)
+        await viewer.read_until(b'"queued"')
+        await until(lambda: _direct(api) == 1, "the stream to be taken over")
+    rest = await asyncio.wait_for(viewer.reader.read(), 10)  # EOF once closed
+    assert b"0\r\n\r\n" not in rest  # cut, not ended as if complete
+    assert api.hub.viewer_count == 0
+    viewer.close()
