@@ -39,7 +39,8 @@ T_co = TypeVar("T_co", covariant=True)
 
 
 class Pushed(Protocol):
-    """A viewer served without a task of its own (api.direct): the channel calls it."""
+    """A viewer served without a task of its own (api.sse's DirectStream): the channel
+    calls it."""
 
     parked: bool  # on the channel's list until its next notify; cleared when it leaves
 

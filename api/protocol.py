@@ -14,9 +14,9 @@ timeout applies.
 It also lets an SSE response take its connection over (``TAKE_OVER``): after its head went
 out through ASGI, the response's frames are written to the transport by the response's own
 code (api.sse), and the ASGI call returns. The protocol tells it what only a protocol
-hears (the peer gone, the write buffer full or drained, the server shutting down), and
-when the response ends, the connection goes back to keep-alive or closes, as uvicorn's
-own cycle would.
+hears (the peer gone, the write buffer full or drained); when the response ends, the
+connection goes back to keep-alive or closes (always, once the server is shutting
+down), as uvicorn's own cycle would.
 """
 
 from __future__ import annotations
