@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import enum
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-from tokenrelay.api.sse import Connection
+from tokenrelay.api.sse import NEED, Connection, Need
 from tokenrelay.shared import events as ev
 
 # At most this many events, and this many bytes (or one frame, if a frame is larger),
@@ -37,6 +38,15 @@ CHUNK_BYTES = 64 * 1024
 Entry = Sequence[Any]
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
+
+
+class Pushed(Protocol):
+    """A viewer served without a task of its own (api.sse's DirectStream): the channel
+    calls it."""
+
+    parked: bool  # on the channel's list until its next notify; cleared when it leaves
+
+    def wake(self) -> None: ...
 
 
 class Trimmed(Protocol):
@@ -95,6 +105,7 @@ class Channel:
         self.loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._max_events = max_events
         self._waiters: list[asyncio.Future[None]] = []
+        self._pushed: list[Pushed] = []  # viewers served from notify itself, no task each
         self.frames: dict[object, Trimmed] = {}  # per encoding or fold, filled as viewers ask
         self.priming: dict[object, asyncio.Future[None]] = {}  # folds being primed from Redis
 
@@ -138,11 +149,17 @@ class Channel:
         self.notify()
 
     def notify(self) -> None:
-        """Wake every parked viewer (one future each, resolved in one pass)."""
+        """Wake every parked viewer (one future each, resolved in one pass), and serve the
+        pushed ones at once: each writes its new frames from here, as nchan's loop does."""
         waiters, self._waiters = self._waiters, []
         for future in waiters:
             if not future.done():
                 future.set_result(None)
+        if self._pushed:
+            pushed, self._pushed = self._pushed, []
+            for viewer in pushed:
+                viewer.parked = False
+                viewer.wake()
 
     def park(self, future: asyncio.Future[None]) -> None:
         """Resolve ``future`` at the next append (or failure)."""
@@ -152,9 +169,21 @@ class Channel:
             # Viewers that left while parked leave done futures behind; drop them.
             self._waiters = [f for f in waiters if not f.done()]
 
+    def park_pushed(self, viewer: Pushed) -> None:
+        """Call ``viewer.wake()`` at the next append (or failure), once."""
+        if viewer.parked:
+            return
+        viewer.parked = True
+        pushed = self._pushed
+        pushed.append(viewer)
+        if len(pushed) > 2 * self.viewers + 64:
+            # Viewers that left while parked (their flag cleared) stay until a notify.
+            self._pushed = [v for v in pushed if v.parked]
+
     @property
     def parked(self) -> int:
-        return sum(1 for f in self._waiters if not f.done())
+        return (sum(1 for f in self._waiters if not f.done())
+                + sum(1 for v in self._pushed if v.parked))
 
     def position_after(self, last: ev.StreamId | None) -> int | None:
         """Absolute index of the first event after ``last``; None if that part was trimmed."""
@@ -259,6 +288,14 @@ SSE = Encoding("sse", ev.encode_event)
 EVENTS = _Events()
 
 
+class _Need(enum.Enum):
+    """What a viewer's next batch waits for, when the channel's memory has none for it."""
+
+    SETUP = "join the channel, prepare the view"
+    REDIS = "read a page from Redis (behind the channel's memory)"
+    NOTHING_NEW = "the next append"
+
+
 class Membership(Protocol):
     """Where viewers join their channel and read what it no longer holds (the hub)."""
 
@@ -298,20 +335,72 @@ class Viewer(Generic[T]):
 
     async def next(self, conn: Connection) -> T | None:
         """The next batch; ``view.empty`` when woken with nothing new; None after the terminal."""
+        while True:
+            got = self._step()
+            if got is _Need.NOTHING_NEW:
+                if conn.closing or conn.draining or conn.ping_due:
+                    return self.view.empty
+                channel, pos = self.channel, self.pos
+                assert channel is not None and pos is not None
+                future = conn.waiter()
+                channel.park(future)
+                await future
+                # Draining (SIGTERM): hand back at once, so an idle stream ends with its hint too.
+                if conn.closing or conn.draining or (conn.ping_due and channel.end <= pos):
+                    return self.view.empty
+            elif got is _Need.SETUP:
+                await self._setup()
+            elif got is _Need.REDIS:
+                return await self._from_redis()
+            else:
+                return got
+
+    def poll(self, conn: Connection, pushed: Pushed) -> T | None | Need:
+        """``next`` without waiting, for a viewer served from the channel's notify: the next
+        batch, or ``view.empty`` with ``pushed`` parked on the channel (or its connection
+        closing, draining, or due a ping), or NEED when only ``fetch`` can go on (joining,
+        or reading from Redis behind the channel's memory)."""
+        got = self._step()
+        if got is _Need.NOTHING_NEW:
+            if not (conn.closing or conn.draining or conn.ping_due):
+                assert self.channel is not None
+                self.channel.park_pushed(pushed)
+            return self.view.empty
+        if got is _Need.SETUP or got is _Need.REDIS:
+            return NEED
+        return got
+
+    async def fetch(self) -> T | None:
+        """What ``poll`` could not do without waiting: join, prepare, or read a page from
+        Redis. Returns a batch (``view.empty`` if none yet), or None after the terminal."""
+        got = self._step()
+        if got is _Need.SETUP:
+            await self._setup()
+            got = self._step()
+        if got is _Need.REDIS:
+            return await self._from_redis()
+        return self.view.empty if got is _Need.NOTHING_NEW or got is _Need.SETUP else got
+
+    async def _setup(self) -> None:
+        if self.channel is None:
+            self.channel = await self.hub.join(self.gen_id)
+        if not self.prepared:
+            await self.view.prepare(self.channel, self.hub)
+            self.prepared = True
+
+    def _step(self) -> T | None | _Need:
+        """The next batch from the channel's memory if it has one, else what it takes."""
         if self.finished:
             return None
         channel = self.channel
-        if channel is None:
-            channel = self.channel = await self.hub.join(self.gen_id)
-        if not self.prepared:
-            await self.view.prepare(channel, self.hub)
-            self.prepared = True
+        if channel is None or not self.prepared:
+            return _Need.SETUP
         while True:
             pos = self.pos
             if pos is None or pos < channel.base:
                 pos = self.pos = channel.position_after(self.last)
                 if pos is None:
-                    return await self._from_redis()
+                    return _Need.REDIS
                 self.behind = None  # back in the channel's memory
             if pos < channel.end:
                 last = self.last
@@ -330,14 +419,7 @@ class Viewer(Generic[T]):
                 return None
             if channel.failed is not None:
                 raise channel.failed
-            if conn.closing or conn.draining or conn.ping_due:
-                return self.view.empty
-            future = conn.waiter()
-            channel.park(future)
-            await future
-            # Draining (SIGTERM): hand back at once, so an idle stream ends with its hint too.
-            if conn.closing or conn.draining or (conn.ping_due and channel.end <= pos):
-                return self.view.empty
+            return _Need.NOTHING_NEW
 
     async def _from_redis(self) -> T | None:
         """The next page after ``last`` straight from Redis (memory no longer has it)."""

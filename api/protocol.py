@@ -10,6 +10,13 @@ connection opened (else 408), and its body ``REQUEST_BODY_TIMEOUT_S`` after its 
 the connection closes and the app sees the client gone). Responses, SSE streams included, have no
 clock here: they end when the app ends them. Between requests uvicorn's own keep-alive
 timeout applies.
+
+It also lets an SSE response take its connection over (``TAKE_OVER``): after its head went
+out through ASGI, the response's frames are written to the transport by the response's own
+code (api.sse), and the ASGI call returns. The protocol tells it what only a protocol
+hears (the peer gone, the write buffer full or drained); when the response ends, the
+connection goes back to keep-alive or closes (always, once the server is shutting
+down), as uvicorn's own cycle would.
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ import contextlib
 import socket
 import struct
 from asyncio import TimerHandle
-from typing import Any
+from typing import Any, Protocol
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from tokenrelay.shared.settings import get_settings
 
@@ -29,6 +36,32 @@ KEEP_ALIVE_S = 5  # uvicorn's timeout_keep_alive: an idle connection between req
 # The ASGI extension through which a response drops its connection at once (a viewer that
 # stopped reading, cut by the send timeout): scope["extensions"][RESET]["reset"]().
 RESET = "tokenrelay.http.reset"
+# The ASGI extension through which a response, its head sent, takes its connection over:
+# scope["extensions"][TAKE_OVER]["take_over"](scope, owner) -> the Line, or None.
+TAKE_OVER = "tokenrelay.http.take_over"
+
+
+class Owner(Protocol):
+    """A response that took its connection over: what the protocol tells it."""
+
+    def connection_lost(self) -> None: ...
+
+    def pause_writing(self) -> None: ...
+
+    def resume_writing(self) -> None: ...
+
+
+class Line(Protocol):
+    """What a response that took its connection over writes to, and hands back."""
+
+    @property
+    def transport(self) -> asyncio.Transport: ...
+
+    def release(self) -> None:
+        """The response is complete (its last chunk written): keep-alive, or close."""
+
+    def reset(self) -> None:
+        """Drop the connection with a TCP reset."""
 
 
 def reset(transport: asyncio.Transport) -> None:
@@ -54,6 +87,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _in_head = True
     _clock: TimerHandle | None = None
+    _owner: Owner | None = None  # the response that took the connection over, while it runs
+    _taken: RequestResponseCycle | None = None  # the cycle it took over
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         settings = get_settings()
@@ -65,7 +100,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_clock()
+        owner, self._owner, self._taken = self._owner, None, None
         super().connection_lost(exc)
+        if owner is not None:
+            owner.connection_lost()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._owner is not None:
+            self._owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._owner is not None:
+            self._owner.resume_writing()
+
+    def shutdown(self) -> None:
+        if self._taken is not None:  # a stream runs: close once it has ended (its drain hint)
+            self._taken.keep_alive = False
+        else:
+            super().shutdown()
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
@@ -79,7 +133,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {RESET: {"reset": self._reset}}
+        self.scope["extensions"] = {RESET: {"reset": self.reset},
+                                    TAKE_OVER: {"take_over": self._take_over}}
         if not self._in_head:  # the next request on a kept-alive connection
             self._head_started()
 
@@ -118,9 +173,41 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                                 self._body_timeout_s)
             self.transport.close()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
         if not self.transport.is_closing():
             reset(self.transport)
+
+    def _take_over(self, scope: Any, owner: Owner) -> Line | None:
+        """Hand the connection to ``owner`` once ``scope``'s response has sent its head (chunked)
+        through ASGI, or None if it cannot be: the cycle is not the connection's current one
+        (a pipelined request arrived), or has ended, or the peer has gone.
+
+        The cycle is marked disconnected, so that the ASGI call returns quietly (uvicorn
+        closes a connection whose app returns with its response incomplete) and anything
+        the app still sent would be dropped. It stays the connection's current cycle: a
+        request pipelined meanwhile waits for this response's end, as it would for the app.
+        """
+        cycle = self.cycle
+        if (self._owner is not None or cycle is None or cycle.scope is not scope
+                or not cycle.response_started or cycle.response_complete
+                or cycle.disconnected or not cycle.chunked_encoding
+                or self.transport.is_closing()):
+            return None
+        cycle.disconnected = True
+        self._owner = owner
+        self._taken = cycle
+        return self
+
+    def release(self) -> None:
+        """The taken-over response has written its last chunk: what uvicorn's cycle does
+        when a response completes (close unless keep-alive, else the next request)."""
+        cycle, self._owner, self._taken = self._taken, None, None
+        if cycle is None:
+            return
+        cycle.response_complete = True
+        if not cycle.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
 
     def _refuse(self, status: bytes, message: str) -> None:
         self._stop_clock()

@@ -16,12 +16,12 @@ from typing import Any
 from fastapi import Request
 
 from tokenrelay.api import generations, response_request
-from tokenrelay.api.channel import Channel, Viewer, events_after
+from tokenrelay.api.channel import Channel, Pushed, Viewer, events_after
 from tokenrelay.api.deps import AppState
 from tokenrelay.api.openai_errors import OpenAIError
 from tokenrelay.api.openai_response import with_heartbeat
 from tokenrelay.api.response_events import RESPONSES, ResponseState, after_sequence, step
-from tokenrelay.api.sse import Connection, EventStreamResponse
+from tokenrelay.api.sse import NEED, Connection, EventStreamResponse, Need
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys, streams
 from tokenrelay.shared.errors import Conflict
@@ -112,7 +112,16 @@ class _AfterSequence:
         await self.viewer.open()
 
     async def next(self, conn: Connection) -> bytes | None:
-        chunk = await self.viewer.next(conn)
+        return self._skip(await self.viewer.next(conn))
+
+    def poll(self, conn: Connection, pushed: Pushed) -> bytes | None | Need:
+        chunk = self.viewer.poll(conn, pushed)
+        return chunk if chunk is NEED else self._skip(chunk)
+
+    async def fetch(self) -> bytes | None:
+        return self._skip(await self.viewer.fetch())
+
+    def _skip(self, chunk: bytes | None) -> bytes | None:
         if self.last is None or not chunk:
             return chunk
         chunk = after_sequence(chunk, self.last)

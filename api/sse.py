@@ -14,22 +14,32 @@ connections (:class:`Connections`), so no timer is armed per event.
                                None (terminal sent) ─▶ last send, done
     watcher:    receive() ─▶ http.disconnect ─▶ conn.disconnected, wake
     ticker:     idle ≥ heartbeat ─▶ ping due, wake;  send > timeout ─▶ cancel task
+
+Under ``tokenrelay api`` (whose HTTP protocol offers ``TAKE_OVER``) the ASGI task
+ends after the retry line: the stream becomes a :class:`DirectStream`, which the
+channel's notify, the ticker and the protocol call, and which writes chunked
+frames to the transport itself. An idle viewer then holds no task and no
+suspended middleware frame, and a write is one call from the channel's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import gc
 import logging
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from tokenrelay.api.protocol import reset_connection
+from tokenrelay.api.protocol import TAKE_OVER, Line, reset_connection
+
+if TYPE_CHECKING:
+    from tokenrelay.api.channel import Pushed
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +92,22 @@ class Connection:
     def closing(self) -> bool:
         return self.disconnected or self.stalled
 
+    def cut(self) -> None:
+        """Stop a connection that made no write progress for the send timeout: cancel its
+        task, and wake one without a task of its own (a taken-over WebSocket)."""
+        if self.task is not None:
+            self.task.cancel()
+        self.wake()
+
+
+class Need(enum.Enum):
+    """A frame source's answer to ``poll`` when only its asynchronous ``fetch`` can go on."""
+
+    FETCH = "fetch"
+
+
+NEED = Need.FETCH
+
 
 class FrameSource(Protocol):
     async def open(self) -> None:
@@ -89,6 +115,13 @@ class FrameSource(Protocol):
 
     async def next(self, conn: Connection) -> bytes | None:
         """Bytes to write (b"" when woken with nothing new), or None after the last frame."""
+
+    def poll(self, conn: Connection, pushed: Pushed) -> bytes | None | Need:
+        """``next`` without waiting: b"" with ``pushed`` parked (woken at the next append),
+        or NEED when only ``fetch`` can go on."""
+
+    async def fetch(self) -> bytes | None:
+        """What ``poll`` needed (joining, a page from Redis): bytes (maybe b""), or None."""
 
     async def aclose(self) -> None:
         """Release what the source holds (hub registration); called exactly once."""
@@ -120,27 +153,30 @@ class Connections:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+            # Streams still open when the server stops (past its graceful timeout): uvicorn
+            # cancels the ASGI ones' tasks, which closes their connections; close the others.
+            for conn in list(self.open):
+                if isinstance(conn, DirectStream):
+                    conn.close()
             gc.unfreeze()
             gc.set_threshold(*self._gc_before)
 
     def drain(self) -> None:
         """End every open stream with a reconnect hint (SIGTERM: the process is leaving)."""
-        for conn in self.open:
+        for conn in list(self.open):  # a stream served in place leaves the set as it ends
             conn.draining = True
             conn.wake()
 
     def check(self, now: float) -> None:
         """Mark pings due and cut stalled connections; run by the ticker every ``tick_s``."""
-        for conn in self.open:
+        for conn in list(self.open):  # a stream served in place leaves the set as it ends
             if conn.send_started:
                 if now - conn.send_started >= self.send_timeout_s and not conn.stalled:
                     conn.stalled = True
                     self.stalled_total += 1
                     logger.warning("closing stalled viewer generation_id=%s: no write "
                                    "progress for %.1fs", conn.label, now - conn.send_started)
-                    if conn.task is not None:
-                        conn.task.cancel()
-                    conn.wake()  # and one without a task of its own (a taken-over WebSocket)
+                    conn.cut()
             elif now - conn.last_write >= self.heartbeat_s and not conn.ping_due:
                 conn.ping_due = True
                 conn.wake()
@@ -219,13 +255,16 @@ class EventStreamResponse(Response):
         conn = Connection(loop, task, loop.time(), self.label)
         watcher = asyncio.create_task(_watch_disconnect(receive, conn), name="tr-sse-watch")
         self.connections.open.add(conn)
+        taken = False
         try:
             # The start message is built in the call, so that nothing keeps it (and the
             # header lists middleware add to it) for the minutes the stream lasts.
             await _send_timed(send, self._start(), conn, loop)
             await _send_timed(send, {"type": "http.response.body", "body": self.preamble,
                                      "more_body": True}, conn, loop)
-            await self._pump(send, conn, loop)
+            taken = not conn.closing and self._take_over(scope, conn)
+            if not taken:
+                await self._pump(send, conn, loop)
         except asyncio.CancelledError:
             # Our own cancel (stalled viewer) or a disconnect seen mid-send: end quietly.
             # Any other cancellation (server shutdown) propagates.
@@ -237,9 +276,25 @@ class EventStreamResponse(Response):
         finally:
             self.connections.open.discard(conn)
             watcher.cancel()
-            await self.source.aclose()
-        if self.background is not None:
+            if not taken:
+                await self.source.aclose()
+        if self.background is not None and not taken:
             await self.background()
+
+    def _take_over(self, scope: Scope, conn: Connection) -> bool:
+        """Hand the stream to a :class:`DirectStream` if the server offers its connection
+        (``tokenrelay api``); the ASGI call then returns, and with it every frame of the
+        middleware chain and the task. Elsewhere (False) the stream goes on through ASGI."""
+        offer = scope.get("extensions", {}).get(TAKE_OVER)
+        if offer is None:
+            return False
+        stream = DirectStream(conn.loop, self.label, self.source, self.connections,
+                              self.background)
+        line: Line | None = offer["take_over"](scope, stream)
+        if line is None:
+            return False
+        stream.start(line, draining=conn.draining)
+        return True
 
     def _start(self) -> Message:
         headers, self.raw_headers = self.raw_headers, []  # sent once; not kept after
@@ -294,3 +349,169 @@ async def _watch_disconnect(receive: Receive, conn: Connection) -> None:
             conn.wake()
             return
 
+
+
+class DirectStream(Connection):
+    """An SSE stream that took its connection over: frames go straight to the transport.
+
+    No task and no ASGI call stay behind it: the channel's notify calls ``wake`` (as
+    do the ticker for a heartbeat and ``Connections.drain``), and ``pump`` writes
+    what the source holds in HTTP/1.1 chunked framing, in the loop over the
+    channel's pushed viewers, until the source has nothing new (it is parked again)
+    or the transport's buffer passes its high-water mark (``pause_writing``; it goes
+    on from its position at ``resume_writing``; no progress for the send timeout and
+    the ticker resets it, as a stalled ASGI send). A source that must wait (joining,
+    reading behind the channel's memory from Redis) gets a task for that ``fetch``
+    alone. The end: the terminal frames, the terminating chunk, and the connection
+    back to the protocol (keep-alive or close); a disconnect is the protocol's
+    ``connection_lost``.
+    """
+
+    __slots__ = ("source", "connections", "background", "line", "parked", "paused", "ended")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, label: str, source: FrameSource,
+                 connections: Connections, background: BackgroundTask | None):
+        super().__init__(loop, None, loop.time(), label)
+        self.source = source
+        self.connections = connections
+        self.background = background
+        self.line: Line | None = None
+        self.parked = False  # on its channel's list of pushed viewers
+        self.paused = False  # the transport's buffer is over its high-water mark
+        self.ended = False
+
+    def start(self, line: Line, *, draining: bool) -> None:
+        self.line = line
+        self.draining = draining
+        self.connections.open.add(self)
+        self.pump()
+
+    def wake(self) -> None:
+        self.pump()
+
+    def pump(self) -> None:
+        """Write what the source holds now, until it has nothing new or the buffer is full."""
+        source = self.source
+        if self.line is None or self.line.transport.is_closing():
+            return  # its connection_lost is coming
+        try:
+            while self.task is None and not self.paused and not self.ended:
+                chunk = source.poll(self, self)
+                if chunk is NEED:
+                    self.task = self.loop.create_task(self._fetch(), name="tr-sse-fetch")
+                    return
+                if not self._deliver(chunk):
+                    return
+        except Exception as exc:  # the stream cannot go on (its storage failed)
+            self._fail(exc)
+
+    def _deliver(self, chunk: bytes | None) -> bool:
+        """Write ``chunk`` as ``EventStreamResponse._pump`` sends it; whether to go on."""
+        if self.draining:
+            self._write_last(chunk + DRAIN if chunk else DRAIN)
+            return False
+        if chunk is None:
+            self._write_last(b"")
+            return False
+        if not chunk:
+            if not self.ping_due:
+                # Parked (the next append wakes it), or events without frames: go on.
+                return not self.parked
+            chunk = PING
+        self.ping_due = False
+        assert self.line is not None
+        self.line.transport.write(_chunked(chunk))
+        self.last_write = self.loop.time()
+        return True
+
+    async def _fetch(self) -> None:
+        try:
+            chunk = await self.source.fetch()
+        except Exception as exc:
+            self.task = None
+            self._fail(exc)
+            return
+        self.task = None
+        if self.ended:
+            return
+        if self._deliver(chunk):
+            self.pump()
+
+    def _write_last(self, chunk: bytes) -> None:
+        assert self.line is not None
+        self.line.transport.write(_chunked(chunk) + b"0\r\n\r\n" if chunk else b"0\r\n\r\n")
+        line = self.line
+        self._end()
+        line.release()
+
+    # What the protocol tells it.
+
+    def connection_lost(self) -> None:
+        self.disconnected = True
+        self._end()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self.send_started = self.loop.time()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.send_started = 0.0
+        self.last_write = self.loop.time()
+        self.pump()
+
+    def cut(self) -> None:
+        """Stalled (no write progress for the send timeout): reset the connection."""
+        if self.line is not None:
+            self.line.reset()
+        self._end()
+
+    def close(self) -> None:
+        """Close the connection mid-stream (the stream cannot go on, or the server stops)."""
+        if self.line is not None:
+            self.line.transport.close()
+        self._end()
+
+    def _fail(self, exc: Exception) -> None:
+        logger.error("event stream failed generation_id=%s", self.label, exc_info=exc)
+        self.close()
+
+    def _end(self) -> None:
+        """Leave: no more writes; the source's registration goes in a task of its own."""
+        if self.ended:
+            return
+        self.ended = True
+        self.parked = False  # its channel drops it from its list
+        self.line = None
+        self.connections.open.discard(self)
+        fetching, self.task = self.task, None
+        self.task = self.loop.create_task(self._close(fetching), name="tr-sse-close")
+
+    async def _close(self, fetching: asyncio.Task[object] | None) -> None:
+        if fetching is not None:
+            fetching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fetching
+        await self.source.aclose()
+        if self.background is not None:
+            await self.background()
+
+
+class _Chunked:
+    """HTTP/1.1 chunked framing of a body, kept for the next call with the same bytes: the
+    viewers of a channel at the same position write one shared chunk in turn."""
+
+    __slots__ = ("body", "framed")
+
+    def __init__(self) -> None:
+        self.body = b""
+        self.framed = b""
+
+    def __call__(self, body: bytes) -> bytes:
+        if body is not self.body:
+            self.framed = b"%x\r\n%b\r\n" % (len(body), body)
+            self.body = body
+        return self.framed
+
+
+_chunked = _Chunked()

@@ -6,8 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.api.server import Api, serve
-from tokenrelay.api.protocol import GuardedHttpToolsProtocol
+from tests.api.server import HTTP_PROTOCOLS, Api, serve
 from tokenrelay.cli.redis_server import RedisServer
 
 
@@ -18,10 +17,19 @@ async def api(redis_server: RedisServer) -> AsyncIterator[Api]:
         yield running
 
 
-@pytest.fixture(params=["uvicorn", "tokenrelay api"])
+@pytest.fixture(params=list(HTTP_PROTOCOLS))
 async def either_api(request: pytest.FixtureRequest,
                      redis_server: RedisServer) -> AsyncIterator[tuple[Api, str]]:
     """The same, served with uvicorn's HTTP protocol or with ``tokenrelay api``'s."""
-    http = "auto" if request.param == "uvicorn" else GuardedHttpToolsProtocol
-    async with serve(redis_server, http=http, heartbeat_s=0.2, send_timeout_s=0.5) as running:
+    async with serve(redis_server, http=HTTP_PROTOCOLS[request.param], heartbeat_s=0.2,
+                     send_timeout_s=0.5) as running:
         yield running, request.param
+
+
+@pytest.fixture
+async def direct_api(redis_server: RedisServer) -> AsyncIterator[Api]:
+    """The ``api`` fixture served with ``tokenrelay api``'s protocol: SSE streams take their
+    connection over."""
+    async with serve(redis_server, http=HTTP_PROTOCOLS["tokenrelay api"], heartbeat_s=0.2,
+                     send_timeout_s=0.5) as running:
+        yield running

@@ -22,10 +22,15 @@ from redis.asyncio import Redis
 from tokenrelay.api.app import create_app
 from tokenrelay.api.deps import AppState
 from tokenrelay.api.hub import Hub
+from tokenrelay.api.protocol import GuardedHttpToolsProtocol
 from tokenrelay.cli.redis_server import RedisServer, free_port
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys
 from tokenrelay.shared.settings import Settings
+
+# uvicorn's own HTTP protocol (SSE through ASGI throughout), and ``tokenrelay api``'s (SSE
+# streams take their connection over after their head).
+HTTP_PROTOCOLS: dict[str, Any] = {"uvicorn": "auto", "tokenrelay api": GuardedHttpToolsProtocol}
 
 
 @dataclass
@@ -126,6 +131,11 @@ class RawViewer:
                 raise AssertionError(f"connection closed before {marker!r}")
             self.data += chunk
         return self.data
+
+    async def request(self, head: bytes) -> None:
+        """Send another request on the same connection (keep-alive, or pipelined)."""
+        self.writer.write(head)
+        await self.writer.drain()
 
     async def read_to_end(self, within: float = 10.0) -> bytes:
         """Everything up to the end of the chunked response body (the connection stays open)."""

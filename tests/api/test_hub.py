@@ -10,7 +10,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.api.server import Api, RawViewer, append, create, serve, until
+from tests.api.server import HTTP_PROTOCOLS, Api, RawViewer, append, create, serve, until
 from tokenrelay.api.channel import Channel, events_after
 from tokenrelay.api.hub import Hub
 from tokenrelay.cli.redis_server import RedisServer
@@ -86,11 +86,13 @@ async def test_stop_cancels_a_pending_load_and_stops_the_reader(
         await redis.aclose()
 
 
+@pytest.mark.parametrize("server", list(HTTP_PROTOCOLS))
 async def test_viewer_behind_the_channel_memory_catches_up_from_redis(
-    redis_server: RedisServer,
+    redis_server: RedisServer, server: str,
 ) -> None:
     """With a tiny channel cap, a viewer far behind reads Redis, then memory: no gap, no dup."""
-    async with serve(redis_server, hub_history_frames=8, send_timeout_s=30) as api:
+    async with serve(redis_server, http=HTTP_PROTOCOLS[server], hub_history_frames=8,
+                     send_timeout_s=30) as api:
         gen_id = await create(api)
         viewer = await RawViewer.open(api, gen_id, rcvbuf=4096)  # reads nothing for now
         await until(lambda: api.hub.viewer_count == 1, "the registration")
