@@ -159,3 +159,22 @@ def dechunk(body: bytes) -> bytes:
         out += rest[:size]
         body = rest[size + 2 :]
     return out
+
+
+async def hang_up(api: Api, gen_id: str, viewers: list[RawViewer]) -> None:
+    """Twenty viewers of ``gen_id`` hang up, ten while idle and ten while events flow; wait
+    until nothing of them is left in the hub: registrations, connections, the channel."""
+    assert len(viewers) == 20
+    for viewer in viewers[:10]:  # idle viewers hang up
+        viewer.close()
+    await until(lambda: api.hub.viewer_count == 10 and len(api.hub.connections) == 10,
+                "idle viewers to be released")
+
+    await append(api, gen_id, ev.STATUS, {"status": "running"})
+    for i in range(30):  # the other ten hang up while events flow
+        await append(api, gen_id, ev.DELTA, {"content": f" w{i}"})
+        if i < 10:
+            viewers[10 + i].close()
+    await until(lambda: api.hub.viewer_count == 0, "every hub registration to go")
+    await until(lambda: len(api.hub.connections) == 0, "every connection to go")
+    await until(lambda: gen_id not in api.hub.channels, "the channel to go")

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.api.server import HTTP_PROTOCOLS, Api, RawViewer, append, create, serve, until
+from tests.api.server import (
+    HTTP_PROTOCOLS,
+    Api,
+    RawViewer,
+    append,
+    create,
+    hang_up,
+    serve,
+    until,
+)
 from tokenrelay.api.sse import DRAIN, DirectStream
 from tokenrelay.cli.redis_server import RedisServer
 from tokenrelay.shared import events as ev
@@ -35,19 +44,7 @@ async def test_taken_over_viewers_hold_no_task_and_leave_on_disconnect(
     # The ASGI calls have returned: what is left of twenty viewers is no task at all.
     await until(lambda: len(asyncio.all_tasks()) <= baseline_tasks, "the ASGI tasks to end")
 
-    for viewer in viewers[:10]:  # idle viewers hang up
-        viewer.close()
-    await until(lambda: api.hub.viewer_count == 10 and len(api.hub.connections) == 10,
-                "idle viewers to be released")
-
-    await append(api, gen_id, ev.STATUS, {"status": "running"})
-    for i in range(30):  # the other ten hang up while events flow
-        await append(api, gen_id, ev.DELTA, {"content": f" w{i}"})
-        if i < 10:
-            viewers[10 + i].close()
-    await until(lambda: api.hub.viewer_count == 0, "every hub registration to go")
-    await until(lambda: len(api.hub.connections) == 0, "every connection to go")
-    await until(lambda: gen_id not in api.hub.channels, "the channel to go")
+    await hang_up(api, gen_id, viewers)
     await until(lambda: len(asyncio.all_tasks()) <= baseline_tasks, "no task left behind")
 
 

@@ -7,7 +7,7 @@ import asyncio
 import errno
 import socket
 
-from tests.api.server import Api, RawViewer, append, create, until
+from tests.api.server import Api, RawViewer, append, create, hang_up, until
 from tokenrelay.shared import events as ev
 from tokenrelay.shared import keys
 
@@ -24,19 +24,7 @@ async def test_disconnect_frees_tasks_connections_and_hub_registration(api: Api)
     assert api.hub.channels[gen_id].parked == 20
     assert len(asyncio.all_tasks()) >= baseline_tasks + 20  # each one holds at least a task
 
-    for viewer in viewers[:10]:  # idle viewers hang up
-        viewer.close()
-    await until(lambda: api.hub.viewer_count == 10 and len(api.hub.connections) == 10,
-                "idle viewers to be released")
-
-    await append(api, gen_id, ev.STATUS, {"status": "running"})
-    for i in range(30):  # the other ten hang up while events flow
-        await append(api, gen_id, ev.DELTA, {"content": f" w{i}"})
-        if i < 10:
-            viewers[10 + i].close()
-    await until(lambda: api.hub.viewer_count == 0, "every hub registration to go")
-    await until(lambda: len(api.hub.connections) == 0, "every connection to go")
-    await until(lambda: gen_id not in api.hub.channels, "the channel to go")
+    await hang_up(api, gen_id, viewers)
     await until(lambda: len(asyncio.all_tasks()) <= baseline_tasks, "every viewer task to end")
 
 
