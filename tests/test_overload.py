@@ -94,6 +94,12 @@ def _queue_empty(stack: Stack) -> bool:
         client.close()
 
 
+def _queue_wait(stack: Stack, outcome: Outcome, tenant: str) -> float:
+    """Seconds from the generation's creation to its worker's start, by the server's clocks."""
+    final = status(stack.url, outcome.gen_id or "", headers=_auth(tenant))
+    return final["started_at"] - final["created_at"]
+
+
 def _assert_served(stack: Stack, outcome: Outcome, tenant: str) -> None:
     assert outcome.events[-1].type == "done"
     final = status(stack.url, outcome.gen_id or "", headers=_auth(tenant))
@@ -136,7 +142,14 @@ def test_burst_of_ten_times_capacity(small: Stack) -> None:
     assert [o.status for o in after] == [202] * CAPACITY
     for tenant, outcome in zip(TENANTS, after, strict=True):
         _assert_served(small, outcome, tenant)
-    assert max(o.ttft_s or 0.0 for o in after) <= 2 * baseline
+    # Every slot is free again: each job started as soon as it was queued. One held by a
+    # burst job would keep a job waiting for the rest of a generation (~1 s here). Judged
+    # by the server's own timestamps: the clients' TTFT also carries this shared machine's
+    # scheduling stalls (one CI run saw 1.2 s on a job that had not waited for a slot).
+    waits = [_queue_wait(small, outcome, tenant) for tenant, outcome in zip(TENANTS, after, strict=True)]
+    print(f"after: queue waits {[round(w * 1000) for w in waits]} ms, "
+          f"TTFT {[round((o.ttft_s or 0) * 1000) for o in after]} ms")
+    assert max(waits) < FAKE_TTFT_MS / 1000, waits
     assert all(p.alive() for p in [*small.apis, *small.workers])
     for proc in [*small.apis, *small.workers]:
         assert "Traceback" not in proc.output(), proc.output()[-3000:]
