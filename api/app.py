@@ -39,6 +39,7 @@ from tokenrelay.api.tokens import StreamTokens, load_secret
 from tokenrelay.shared.logs import configure as configure_logging
 from tokenrelay.shared.queue import open_queue, redis_settings
 from tokenrelay.shared.redis import create_redis
+from tokenrelay.shared.runtime import freeze_startup_heap
 from tokenrelay.shared.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             tenants_by_key=tenants,
             metrics=app.state.metrics,
         )
+        freeze_startup_heap()
         try:
             yield
         finally:

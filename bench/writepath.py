@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -82,6 +83,7 @@ class Counters:
             "reader_cpu_s": time.process_time(),
             "redis_cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
             "calls": {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()},
+            "xread_usec": int(stats.get("cmdstat_xread", {}).get("usec", 0)),
         }
 
 
@@ -107,6 +109,10 @@ class Reader:
         self.outcome: dict[bytes, bytes] = {}
         self.latency_ms: list[float] = []
         self.latency_at: list[float] = []  # arrival (monotonic) of each latency_ms figure
+        # The same delay in two parts: emitted -> written (the entry id: the worker's Redis
+        # clock as it chose the id) and written -> read (Redis and this reader).
+        self.write_ms: list[float] = []
+        self.read_ms: list[float] = []
         self.arrivals: list[tuple[float, int]] = []  # (monotonic time, words) per delta
 
     def follow(self, key: bytes) -> None:
@@ -146,7 +152,10 @@ class Reader:
                     self.arrivals.append((mono, count))
                     if key in started_ms:
                         emitted = started_ms[key] + self.ttft_ms + first_word * 1000 / self.rate
+                        written = int(entry_id.split(b"-")[0])
                         self.latency_ms.append(now_ms - emitted)
+                        self.write_ms.append(written - emitted)
+                        self.read_ms.append(now_ms - written)
                         self.latency_at.append(mono)
                 elif kind == b"status" and fields[b"d"] == b'{"status":"running"}':
                     started_ms[key] = int(entry_id.split(b"-")[0])
@@ -207,6 +216,8 @@ def _per_token(a: dict[str, Any], b: dict[str, Any], tokens: int) -> dict[str, A
         "redis_cpu_us_per_token": 1e6 * (b["redis_cpu_s"] - a["redis_cpu_s"]) / tokens,
         "redis_commands_per_token": written / tokens,
         "reader_commands_per_token": sum(reads.values()) / tokens,
+        # The reader's XREADs as Redis timed them (execution, not the reply's I/O).
+        "reader_xread_us_per_token": (b["xread_usec"] - a["xread_usec"]) / tokens,
         "commands": calls,
     }
 
@@ -233,11 +244,16 @@ async def _measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
             samples.append((len(reader.streaming - reader.ended), counters.sample()))
 
     sampler = asyncio.create_task(sample_window())
+    # The reader keeps every reply until the run ends (300,000 entries at 1,000 x 30): the
+    # collector's full passes over that heap paused it for up to ~100 ms, which showed as
+    # delivery latency. Nothing it keeps is cyclic garbage; the collector waits for the end.
+    gc.disable()
     # Each stream is followed from the moment its POST answers, while the rest are created.
     read = asyncio.create_task(reader.run(time.monotonic() + args.seconds * 6 + args.spread + 120))
     gen_ids = await _create(stack.redis_url, args.n, tokens, args.spread, reader, args.model)
     await read
     end = counters.sample()
+    gc.enable()
     sampler.cancel()
     reader.analyse()
     want = expected_text(tokens)
@@ -272,10 +288,17 @@ async def _measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         steady = _per_token(w0, w1, words)
         steady["deltas_per_s"] = deltas / steady["seconds"]
         steady["tokens_per_s"] = words / steady["seconds"]
+        # What the generations streaming in the window asked for (the reader's count at
+        # each sample x the rate): the worker keeps up when it writes this much.
+        steady["offered_tokens_per_s"] = args.rate * sum(a for a, _ in steady_samples) / len(
+            steady_samples)
         result["steady"] = steady
-        result["delivery_steady_ms"] = summary(
-            lat for lat, at in zip(reader.latency_ms, reader.latency_at, strict=True)
-            if w0["t"] <= at <= w1["t"])
+        for name, figures in (("delivery_steady_ms", reader.latency_ms),
+                              ("written_steady_ms", reader.write_ms),
+                              ("read_steady_ms", reader.read_ms)):
+            result[name] = summary(
+                lat for lat, at in zip(figures, reader.latency_at, strict=True)
+                if w0["t"] <= at <= w1["t"])
     return result
 
 
@@ -294,11 +317,13 @@ def report(r: dict[str, Any]) -> str:
             f"{name} ({s['seconds']:.1f} s"
             + (f", {r['peak_streaming']} streaming" if name == "steady" else "")
             + f"): {s['deltas_per_s']:.0f} deltas/s"
-            + (f", {s['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in s else "")
+            + (f", {s['tokens_per_s']:.0f} tokens/s (of {s['offered_tokens_per_s']:.0f} "
+               "offered)" if "tokens_per_s" in s else "")
             + f"; worker {s['worker_cpu_us_per_token']:.1f} us CPU/token "
             f"({s['worker_cpu_share'] * 100:.0f}% of a core; reader "
             f"{s['reader_cpu_share'] * 100:.0f}%); Redis "
-            f"{s['redis_cpu_us_per_token']:.1f} us CPU/token, "
+            f"{s['redis_cpu_us_per_token']:.1f} us CPU/token (reader's XREAD "
+            f"{s['reader_xread_us_per_token']:.1f}), "
             f"{s['redis_commands_per_token']:.2f} commands/token "
             f"(+{s['reader_commands_per_token']:.2f} reader XREAD); "
             + ", ".join(f"{k} {v}" for k, v in top))
@@ -309,6 +334,10 @@ def report(r: dict[str, Any]) -> str:
         d = r["delivery_steady_ms"]
         lines.append(f"delivery (XREAD), steady: p50 {d['p50']:.1f} ms  p90 {d['p90']:.1f} ms  "
                      f"p99 {d['p99']:.1f} ms  max {d['max']:.1f} ms  (n={d['n']})")
+        w, rd = r["written_steady_ms"], r["read_steady_ms"]
+        lines.append(f"  of which emitted -> written (entry id): p50 {w['p50']:.1f} ms  "
+                     f"p99 {w['p99']:.1f} ms; written -> read: p50 {rd['p50']:.1f} ms  "
+                     f"p99 {rd['p99']:.1f} ms")
     lines.append("loss: " + ", ".join(f"{k} {v}" for k, v in r["loss"].items()))
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from tokenrelay.shared import queue
 from tokenrelay.shared.redis import Backoff
+from tokenrelay.shared.runtime import freeze_startup_heap
 from tokenrelay.shared.settings import Settings
 from tokenrelay.worker.context import WorkerContext
 from tokenrelay.worker.jobs import generate
@@ -95,6 +96,7 @@ def create_worker(settings: Settings, concurrency: int | None = None) -> TokenRe
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         WorkerContext.open(settings, redis_url, ctx["redis"]).attach(ctx)
+        freeze_startup_heap()
 
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         await WorkerContext.of(ctx).close()
