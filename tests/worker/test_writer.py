@@ -66,6 +66,11 @@ async def test_many_generations_go_in_one_call_in_order(client: Redis) -> None:
         assert slot.content == "abc"
 
 
+def _ms(time: tuple[int, int]) -> int:
+    """Redis TIME (seconds, microseconds) in milliseconds."""
+    return time[0] * 1000 + time[1] // 1000
+
+
 async def test_delta_ids_carry_redis_time_and_stop_at_the_lease(client: Redis) -> None:
     """A delta's id is Redis's time when the writer took it (as the stream's other ids
     are), and never at or past the end of the worker's lease, whatever its clock says."""
@@ -77,9 +82,14 @@ async def test_delta_ids_carry_redis_time_and_stop_at_the_lease(client: Redis) -
     after = await client.time()
     (delta,) = (await streams.read_after(client, slot.gen_id, None))[-1:]
     ms = ev.parse_id(delta[0].decode())[0]
-    assert before[0] * 1000 + before[1] // 1000 - 5 <= ms <= after[0] * 1000 + after[1] // 1000
+    assert _ms(before) - 5 <= ms <= _ms(after)
 
-    ended = await _clock(client, ttl_s=1, margin_s=1.0)  # a lease that ends now
+    # A lease that ends now, in a later millisecond than "a" (in the same one, no id
+    # above "a" could be below the limit; the writer then keeps to the key's 1 s margin).
+    deadline = asyncio.get_running_loop().time() + 5
+    while _ms(await client.time()) <= ms:
+        assert asyncio.get_running_loop().time() < deadline, "Redis's clock stood still"
+    ended = await _clock(client, ttl_s=1, margin_s=1.0)
     writer = Writer(client, ended)
     for word in ("b", "c"):
         writer.append(slot, {"content": word})
