@@ -248,12 +248,15 @@ async def _measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     # collector's full passes over that heap paused it for up to ~100 ms, which showed as
     # delivery latency. Nothing it keeps is cyclic garbage; the collector waits for the end.
     gc.disable()
-    # Each stream is followed from the moment its POST answers, while the rest are created.
-    read = asyncio.create_task(reader.run(time.monotonic() + args.seconds * 6 + args.spread + 120))
-    gen_ids = await _create(stack.redis_url, args.n, tokens, args.spread, reader, args.model)
-    await read
-    end = counters.sample()
-    gc.enable()
+    try:
+        # Each stream is followed from the moment its POST answers, while the rest are created.
+        read = asyncio.create_task(
+            reader.run(time.monotonic() + args.seconds * 6 + args.spread + 120))
+        gen_ids = await _create(stack.redis_url, args.n, tokens, args.spread, reader, args.model)
+        await read
+        end = counters.sample()
+    finally:
+        gc.enable()
     sampler.cancel()
     reader.analyse()
     want = expected_text(tokens)
