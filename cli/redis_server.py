@@ -41,11 +41,14 @@ class RedisServer:
 
     With ``data_dir`` it keeps its data there instead (AOF on), and leaves it on ``stop``,
     so a later server on the same directory starts with the same data. With
-    ``own_session`` it runs in a session of its own (see ``children``).
+    ``own_session`` it runs in a session of its own (see ``children``). ``binary``: another
+    server than :func:`redis_server_binary` (benchmarks compare versions with it).
     """
 
     def __init__(self, *, appendonly: bool = False, port: int | None = None,
-                 data_dir: Path | None = None, own_session: bool = False):
+                 data_dir: Path | None = None, own_session: bool = False,
+                 binary: str | None = None):
+        self.binary = binary
         self.port = port or free_port()
         self.keep_dir = data_dir is not None
         if data_dir is not None:
@@ -63,7 +66,7 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         args = [
-            redis_server_binary(),
+            self.binary or redis_server_binary(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", self.dir,

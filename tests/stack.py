@@ -114,10 +114,11 @@ class Stack:
     """
 
     def __init__(self, apis: int = 1, workers: int = 1, env: dict[str, str] | None = None,
-                 redis_url: str | None = None, in_process: bool = False):
+                 redis_url: str | None = None, in_process: bool = False,
+                 redis_binary: str | None = None):
         self.redis: RedisServer | None = None
         if redis_url is None:
-            self.redis = RedisServer().start()
+            self.redis = RedisServer(binary=redis_binary).start()
             redis_url = self.redis.url
         self.redis_url = redis_url
         self.env = {
