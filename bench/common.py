@@ -80,10 +80,16 @@ class CpuMeter:
         times = psutil.cpu_times()
         return float(times.user + times.nice + times.system + times.irq + times.softirq)
 
+    @staticmethod
+    def _steal() -> float:
+        """Time this virtual machine's CPUs were runnable but the host ran something else."""
+        return float(getattr(psutil.cpu_times(), "steal", 0.0))
+
     def start(self) -> CpuMeter:
         self._t0 = time.monotonic()
         self._c0 = {name: self._cpu(p) for name, p in self.procs.items()}
         self._busy0 = self._busy()
+        self._steal0 = self._steal()
         return self
 
     def stop(self) -> dict[str, float]:
@@ -94,6 +100,8 @@ class CpuMeter:
         # Everything else the machine ran meanwhile (other people's tests: the noise).
         busy = (self._busy() - self._busy0) / wall
         self.result["others"] = max(0.0, busy - sum(self.result.values()))
+        # Noise a load average does not show: the host's other tenants (a share of one core).
+        self.result["steal"] = (self._steal() - self._steal0) / wall
         self.result["wall_s"] = wall
         return self.result
 

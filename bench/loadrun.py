@@ -163,7 +163,7 @@ class FanoutResult:
             f"dup {self.duplicates}  incomplete {self.incomplete}  "
             f"CPU server {cpu.get('server', 0) * 100:.0f}% worker {cpu.get('worker', 0) * 100:.0f}%"
             f" redis {cpu.get('redis', 0) * 100:.0f}% client {cpu.get('client', 0) * 100:.0f}%"
-            f" others {cpu.get('others', 0) * 100:.0f}%"
+            f" others {cpu.get('others', 0) * 100:.0f}% steal {cpu.get('steal', 0) * 100:.0f}%"
         )
 
 
@@ -292,7 +292,8 @@ class ResumeResult:
             f"service p50 {svc['p50']:.1f} ms p99 {svc['p99']:.1f} ms; gaps {self.lost} "
             f"dup {self.duplicates} incomplete {self.incomplete}; "
             f"CPU server {self.cpu.get('server', 0) * 100:.0f}% "
-            f"others {self.cpu.get('others', 0) * 100:.0f}%"
+            f"others {self.cpu.get('others', 0) * 100:.0f}% "
+            f"steal {self.cpu.get('steal', 0) * 100:.0f}%"
         )
 
 
@@ -416,6 +417,7 @@ class ManyResult:
             f"{self.cpu.get('server', 0) * 100:.0f}% worker {self.cpu.get('worker', 0) * 100:.0f}%"
             f" redis {self.cpu.get('redis', 0) * 100:.0f}% client "
             f"{self.cpu.get('client', 0) * 100:.0f}% others {self.cpu.get('others', 0) * 100:.0f}%"
+            f" steal {self.cpu.get('steal', 0) * 100:.0f}%"
         )
 
 
