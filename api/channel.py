@@ -22,7 +22,7 @@ import asyncio
 import bisect
 import enum
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from tokenrelay.api.sse import NEED, Connection, Need
 from tokenrelay.shared import events as ev
@@ -296,6 +296,13 @@ class _Need(enum.Enum):
     NOTHING_NEW = "the next append"
 
 
+# Read as globals on the hot path: an enum member read through its class costs ~110 ns in
+# CPython 3.11 (a global ~7), and a fan-out's poll read four or five per viewer and event.
+_SETUP: Final = _Need.SETUP
+_REDIS: Final = _Need.REDIS
+_NOTHING_NEW: Final = _Need.NOTHING_NEW
+
+
 class Membership(Protocol):
     """Where viewers join their channel and read what it no longer holds (the hub)."""
 
@@ -337,7 +344,7 @@ class Viewer(Generic[T]):
         """The next batch; ``view.empty`` when woken with nothing new; None after the terminal."""
         while True:
             got = self._step()
-            if got is _Need.NOTHING_NEW:
+            if got is _NOTHING_NEW:
                 if conn.closing or conn.draining or conn.ping_due:
                     return self.view.empty
                 channel, pos = self.channel, self.pos
@@ -348,9 +355,9 @@ class Viewer(Generic[T]):
                 # Draining (SIGTERM): hand back at once, so an idle stream ends with its hint too.
                 if conn.closing or conn.draining or (conn.ping_due and channel.end <= pos):
                     return self.view.empty
-            elif got is _Need.SETUP:
+            elif got is _SETUP:
                 await self._setup()
-            elif got is _Need.REDIS:
+            elif got is _REDIS:
                 return await self._from_redis()
             else:
                 return got
@@ -361,12 +368,12 @@ class Viewer(Generic[T]):
         closing, draining, or due a ping), or NEED when only ``fetch`` can go on (joining,
         or reading from Redis behind the channel's memory)."""
         got = self._step()
-        if got is _Need.NOTHING_NEW:
+        if got is _NOTHING_NEW:
             if not (conn.closing or conn.draining or conn.ping_due):
                 assert self.channel is not None
                 self.channel.park_pushed(pushed)
             return self.view.empty
-        if got is _Need.SETUP or got is _Need.REDIS:
+        if got is _SETUP or got is _REDIS:
             return NEED
         return got
 
@@ -374,12 +381,12 @@ class Viewer(Generic[T]):
         """What ``poll`` could not do without waiting: join, prepare, or read a page from
         Redis. Returns a batch (``view.empty`` if none yet), or None after the terminal."""
         got = self._step()
-        if got is _Need.SETUP:
+        if got is _SETUP:
             await self._setup()
             got = self._step()
-        if got is _Need.REDIS:
+        if got is _REDIS:
             return await self._from_redis()
-        return self.view.empty if got is _Need.NOTHING_NEW or got is _Need.SETUP else got
+        return self.view.empty if got is _NOTHING_NEW or got is _SETUP else got
 
     async def _setup(self) -> None:
         if self.channel is None:
@@ -394,13 +401,13 @@ class Viewer(Generic[T]):
             return None
         channel = self.channel
         if channel is None or not self.prepared:
-            return _Need.SETUP
+            return _SETUP
         while True:
             pos = self.pos
             if pos is None or pos < channel.base:
                 pos = self.pos = channel.position_after(self.last)
                 if pos is None:
-                    return _Need.REDIS
+                    return _REDIS
                 self.behind = None  # back in the channel's memory
             if pos < channel.end:
                 last = self.last
@@ -419,7 +426,7 @@ class Viewer(Generic[T]):
                 return None
             if channel.failed is not None:
                 raise channel.failed
-            return _Need.NOTHING_NEW
+            return _NOTHING_NEW
 
     async def _from_redis(self) -> T | None:
         """The next page after ``last`` straight from Redis (memory no longer has it)."""
