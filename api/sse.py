@@ -386,9 +386,6 @@ class DirectStream(Connection):
         self.connections.open.add(self)
         self.pump()
 
-    def wake(self) -> None:
-        self.pump()
-
     def pump(self) -> None:
         """Write what the source holds now, until it has nothing new or the buffer is full."""
         source = self.source
@@ -404,6 +401,8 @@ class DirectStream(Connection):
                     return
         except Exception as exc:  # the stream cannot go on (its storage failed)
             self._fail(exc)
+
+    wake = pump  # the channel's notify, the ticker and drain: one call less per write
 
     def _deliver(self, chunk: bytes | None) -> bool:
         """Write ``chunk`` as ``EventStreamResponse._pump`` sends it; whether to go on."""
