@@ -403,25 +403,28 @@ class Viewer(Generic[T]):
         if channel is None or not self.prepared:
             return _SETUP
         while True:
-            pos = self.pos
-            if pos is None or pos < channel.base:
+            pos, base = self.pos, channel.base
+            if pos is None or pos < base:
                 pos = self.pos = channel.position_after(self.last)
                 if pos is None:
                     return _REDIS
                 self.behind = None  # back in the channel's memory
-            if pos < channel.end:
+            # Indexes into the channel's lists read inline (not end/id_at): once or twice
+            # per viewer and event in a fan-out.
+            if pos < base + len(channel.events):
+                ids = channel.ids
                 last = self.last
-                if last is not None and channel.id_at(pos) <= last:
+                if last is not None and ids[pos - base] <= last:
                     # We are past what the channel holds here (a Redis read ran ahead of
                     # the hub): re-seek by id instead of handing anything out twice.
                     self.pos = channel.position_after(last)
                     continue
                 batch, stop, terminal = self.view.take(channel, pos)
                 self.pos = stop
-                self.last = channel.id_at(stop - 1)
+                self.last = ids[stop - 1 - base]
                 self.finished = terminal
                 return batch
-            if channel.done:  # resumed past the terminal event: nothing more will come
+            if channel.terminal_at is not None:  # resumed past the terminal: nothing more
                 self.finished = True
                 return None
             if channel.failed is not None:
